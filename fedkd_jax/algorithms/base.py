@@ -1,0 +1,74 @@
+"""The algorithm interface the round builder composes.
+
+An algorithm is a factory returning a :class:`FederatedAlgorithm`: a
+NamedTuple of pure functions (like optax's ``GradientTransformation`` or
+fedjax's ``FederatedAlgorithm``). Hyperparameters live in the closure. The
+engine never branches on which algorithm it runs: it samples the cohort,
+calls ``client_update`` for every cohort client (vmapped/scanned, sharded),
+averages ``ClientOutput.update`` with ``ClientOutput.weight`` in one
+all-reduce, calls ``server_update``, and writes per-client state back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from fedkd_jax.models import Model, Params
+
+ServerState = Any
+ClientState = Any  # persistent per-client state; () when the algorithm has none
+Broadcast = Any  # what the server sends each cohort client
+
+
+class ClientData(NamedTuple):
+    """One client's padded local training data.
+
+    Attributes:
+      x: ``[M, D]`` features; y: ``[M]`` labels; count: scalar, real rows.
+    """
+
+    x: jax.Array
+    y: jax.Array
+    count: jax.Array
+
+
+class ClientOutput(NamedTuple):
+    """What one client returns from a round.
+
+    Attributes:
+      update: pytree averaged over the cohort with ``weight`` (what is uploaded).
+      weight: scalar aggregation weight (example count for FedAvg).
+      state: the client's new persistent state (``()`` if none).
+      metrics: scalars, averaged over the cohort with ``weight``.
+    """
+
+    update: Any
+    weight: jax.Array
+    state: ClientState
+    metrics: dict[str, jax.Array]
+
+
+class FederatedAlgorithm(NamedTuple):
+    """Pure functions defining one federated algorithm.
+
+    Attributes:
+      name: algorithm name.
+      model: the global (shared) model; evaluation applies it to ``model_params``.
+      init: ``key -> ServerState``.
+      init_client: ``key -> ClientState`` for one client, or ``None`` if stateless.
+      broadcast: ``ServerState -> Broadcast`` (what each client downloads).
+      client_update: ``(Broadcast, ClientState, ClientData, key) -> ClientOutput``.
+      server_update: ``(ServerState, mean_update, key) -> (ServerState, metrics)``.
+      model_params: ``ServerState -> Params`` of the global model.
+    """
+
+    name: str
+    model: Model
+    init: Callable[[jax.Array], ServerState]
+    init_client: Callable[[jax.Array], ClientState] | None
+    broadcast: Callable[[ServerState], Broadcast]
+    client_update: Callable[[Broadcast, ClientState, ClientData, jax.Array], ClientOutput]
+    server_update: Callable[[ServerState, Any, jax.Array], tuple[ServerState, dict]]
+    model_params: Callable[[ServerState], Params]

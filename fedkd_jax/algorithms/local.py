@@ -1,0 +1,130 @@
+"""One client's local training: a ``lax.scan`` over padded, masked batches.
+
+Shape key: ``M`` padded examples of the client, ``S`` local steps, ``B`` batch.
+
+The batch schedule is fixed-shape so every client (and every round) runs the
+same program: ``S = epochs * ceil(M / B)`` steps in epoch mode, ``S = steps``
+in step mode. Rows past the client's real count are masked; a step whose batch
+holds no real row leaves parameters *and* optimizer state untouched, so a
+padded client trains exactly like the same client run alone, unpadded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+def tree_where(pred: jax.Array, a: Any, b: Any) -> Any:
+    """Leafwise ``where(pred, a, b)`` for a scalar ``pred``."""
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def num_local_steps(max_examples: int, batch_size: int, *, epochs: int = 1, steps: int | None = None) -> int:
+    """``S``: steps per round for every client (static)."""
+    if steps is not None:
+        return int(steps)
+    return int(epochs) * math.ceil(max_examples / batch_size)
+
+
+def epoch_order(key: jax.Array, count: jax.Array, max_examples: int) -> jax.Array:
+    """A random order of ``arange(M)`` with the ``count`` real rows first.
+
+    Returns:
+      ``[M]`` int32: positions ``0..count-1`` are a uniform permutation of the
+      real rows; the padded rows follow.
+    """
+    u = jax.random.uniform(key, (max_examples,))
+    u = jnp.where(jnp.arange(max_examples) < count, u, 2.0)
+    return jnp.argsort(u).astype(jnp.int32)
+
+
+def batch_schedule(
+    key: jax.Array,
+    count: jax.Array,
+    max_examples: int,
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    steps: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Row indices and masks of every local batch.
+
+    Epoch mode (``steps is None``): each epoch is a fresh shuffle (key folded
+    with the epoch number) cut into ``ceil(M / B)`` batches; the last real batch
+    may be partial and the batches after it are empty.
+    Step mode: one shuffle, cycled: step ``s`` takes positions
+    ``s*B .. s*B+B-1`` modulo ``count``.
+
+    Returns:
+      ``(idx [S, B] int32, mask [S, B] bool)``.
+    """
+    if steps is None:
+        nb = math.ceil(max_examples / batch_size)
+        pos = jnp.arange(nb * batch_size)
+
+        def one_epoch(e):
+            order = epoch_order(jax.random.fold_in(key, e), count, max_examples)
+            idx = jnp.take(order, pos, mode="clip")
+            return idx.reshape(nb, batch_size), (pos < count).reshape(nb, batch_size)
+
+        idx, mask = jax.vmap(one_epoch)(jnp.arange(epochs))
+        return idx.reshape(-1, batch_size), mask.reshape(-1, batch_size)
+    order = epoch_order(key, count, max_examples)
+    pos = jnp.arange(steps * batch_size) % jnp.maximum(count, 1)
+    idx = order[pos].reshape(steps, batch_size)
+    mask = jnp.broadcast_to(count > 0, idx.shape)
+    return idx, mask
+
+
+def local_train(
+    loss_fn: LossFn,
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    x: jax.Array,
+    y: jax.Array,
+    count: jax.Array,
+    key: jax.Array,
+    *,
+    batch_size: int,
+    epochs: int = 1,
+    steps: int | None = None,
+    unroll: int = 1,
+) -> tuple[Params, dict[str, jax.Array]]:
+    """Train ``params`` on one client's padded data.
+
+    Args:
+      loss_fn: ``(params, x [B, D], y [B], where [B]) -> (loss, metrics)``.
+      params: starting parameters.
+      optimizer: the local optax optimizer (state starts fresh each round).
+      x: ``[M, D]`` padded features; y: ``[M]`` labels; count: real rows.
+      key: this client's key for this round.
+
+    Returns:
+      ``(params, {"loss": mean loss over real steps, "steps": real steps})``.
+    """
+    idx, mask = batch_schedule(key, count, x.shape[0], batch_size, epochs=epochs, steps=steps)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(carry, batch):
+        p, opt_state, loss_sum, n = carry
+        bi, bm = batch
+        (loss, _), grads = grad_fn(p, x[bi], y[bi], bm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, p)
+        real = jnp.any(bm)
+        p = tree_where(real, optax.apply_updates(p, updates), p)
+        opt_state = tree_where(real, new_opt_state, opt_state)
+        real_f = real.astype(jnp.float32)
+        return (p, opt_state, loss_sum + loss * real_f, n + real_f), None
+
+    zero = jnp.zeros_like(count, jnp.float32)  # typed like the client's data (varying under shard_map)
+    init = (params, optimizer.init(params), zero, zero)
+    (params, _, loss_sum, n), _ = jax.lax.scan(step, init, (idx, mask), unroll=unroll)
+    return params, {"loss": loss_sum / jnp.maximum(n, 1.0), "steps": n}

@@ -1,0 +1,262 @@
+"""The round builder: one ``jax.jit`` program per federated round.
+
+Shape key: ``N`` population size, ``C`` cohort size, ``Cp`` cohort padded to a
+multiple of ``devices * group_size``, ``M`` padded examples per client.
+
+A round, all inside one compiled program::
+
+    key(seed, round) -> sample C of N clients without replacement
+      -> shard_map over the 'clients' mesh axis, per device:
+           lax.scan over its Cp/devices clients in groups of ``group_size``
+           (vmap inside a group): gather the client's padded data from the
+           replicated population, run ``client_update``, accumulate
+           weight * update, weight and weight * metrics
+         -> one psum of the flattened sums (the only collective)
+      -> mean update -> ``server_update`` -> write client state back.
+
+Why groups and a scan rather than one vmap over the cohort: on CPU a client's
+weights then stay in cache for all its local steps, and XLA:CPU runs batched
+dots of tiny per-client matrices slower than plain ones. ``group_size`` is a
+tuned setting (1 is best on CPU; larger groups feed accelerators).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedkd_jax.algorithms.base import ClientData, FederatedAlgorithm
+from fedkd_jax.data import FederatedData
+from fedkd_jax.engine.mesh import CLIENTS, client_mesh
+from fedkd_jax.errors import ConfigError
+
+# Tags folded into the seed key so each use of randomness gets its own stream.
+_SERVER_INIT, _CLIENT_INIT, _ROUND = 0, 1, 2
+_COHORT, _CLIENTS_TAG, _SERVER = 0, 1, 2
+
+
+@struct.dataclass
+class SimState:
+    """Everything a round reads and writes.
+
+    Attributes:
+      round: int32 scalar, rounds completed.
+      server: the algorithm's server state (global params, optimizer state...).
+      clients: per-client persistent state stacked on a leading ``[N]`` axis,
+        or ``()`` for stateless algorithms.
+      key: the run's base PRNG key (from the seed); never advanced: round and
+        client keys are derived by folding in their indices.
+    """
+
+    round: jax.Array
+    server: Any
+    clients: Any
+    key: jax.Array
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of all leaves of ``tree`` (arrays or shape structs)."""
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def round_key(base: jax.Array, round_index: jax.Array) -> jax.Array:
+    """The key of round ``round_index``."""
+    return jax.random.fold_in(jax.random.fold_in(base, _ROUND), round_index)
+
+
+def client_key(rkey: jax.Array, client_id: jax.Array) -> jax.Array:
+    """The key of client ``client_id`` in the round keyed ``rkey``."""
+    return jax.random.fold_in(jax.random.fold_in(rkey, _CLIENTS_TAG), client_id)
+
+
+def sample_cohort(rkey: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
+    """``[C]`` distinct client ids, uniformly without replacement."""
+    if cohort_size == num_clients:
+        return jax.random.permutation(jax.random.fold_in(rkey, _COHORT), num_clients)
+    return jax.random.choice(jax.random.fold_in(rkey, _COHORT), num_clients, (cohort_size,), replace=False)
+
+
+class Simulator:
+    """Compiles and runs federated rounds of one algorithm on one population.
+
+    Args:
+      algorithm: a :class:`FederatedAlgorithm`.
+      data: the population (only shapes are read here; pass the arrays to
+        :meth:`step` / :meth:`run`, ideally placed with :meth:`put_data`).
+      cohort_size: ``C`` clients per round, sampled without replacement.
+      mesh: a 1-D mesh with axis ``clients`` (default: all devices).
+      group_size: clients vmapped together inside a device's scan.
+    """
+
+    def __init__(
+        self,
+        algorithm: FederatedAlgorithm,
+        data: FederatedData,
+        *,
+        cohort_size: int,
+        mesh: jax.sharding.Mesh | None = None,
+        group_size: int = 1,
+    ):
+        n = data.num_clients
+        if not 1 <= cohort_size <= n:
+            raise ConfigError("run.cohort_size", f"must be in [1, {n}] (the population size); got {cohort_size}")
+        if group_size < 1:
+            raise ConfigError("run.group_size", f"must be a positive integer; got {group_size}")
+        self.algorithm = algorithm
+        self.mesh = mesh if mesh is not None else client_mesh()
+        self.num_clients = n
+        self.cohort_size = cohort_size
+        self.group_size = group_size
+        self.num_devices = int(self.mesh.devices.size)
+        block = self.num_devices * group_size
+        self.padded_cohort = math.ceil(cohort_size / block) * block
+        self._data_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), data)
+
+        abstract = jax.eval_shape(self.init, 0)
+        self.bytes_down_per_client = tree_bytes(jax.eval_shape(algorithm.broadcast, abstract.server))
+        self.bytes_up_per_client = tree_bytes(self._abstract_update(abstract))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._step = jax.jit(self._round)
+        self._run = jax.jit(self._rounds, static_argnums=2)
+
+    # ----------------------------------------------------------------- setup
+    def init(self, seed: int | jax.Array) -> SimState:
+        """Initial state: server from ``(seed)``, client ``i`` from ``(seed, i)``."""
+        base = jax.random.key(seed)
+        server = self.algorithm.init(jax.random.fold_in(base, _SERVER_INIT))
+        clients: Any = ()
+        if self.algorithm.init_client is not None:
+            ck = jax.random.fold_in(base, _CLIENT_INIT)
+            keys = jax.vmap(lambda i: jax.random.fold_in(ck, i))(jnp.arange(self.num_clients))
+            clients = jax.vmap(self.algorithm.init_client)(keys)
+        return SimState(jnp.zeros((), jnp.int32), server, clients, base)
+
+    def put_data(self, data: FederatedData) -> FederatedData:
+        """Place the population on the mesh, replicated (each device gathers its own clients)."""
+        return jax.device_put(data, self._replicated)
+
+    def put_state(self, state: SimState) -> SimState:
+        return jax.device_put(state, self._replicated)
+
+    def _abstract_update(self, abstract: SimState):
+        d = self._data_shapes
+        cd = ClientData(
+            jax.ShapeDtypeStruct(d.x.shape[1:], d.x.dtype),
+            jax.ShapeDtypeStruct(d.y.shape[1:], d.y.dtype),
+            jax.ShapeDtypeStruct((), jnp.int32),
+        )
+        cs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract.clients)
+        bc = jax.eval_shape(self.algorithm.broadcast, abstract.server)
+        return jax.eval_shape(self.algorithm.client_update, bc, cs, cd, abstract.key).update
+
+    # ----------------------------------------------------------------- round
+    def _clients(self, bcast, rkey, ids, valid, store, data: FederatedData):
+        """Per-device body of the shard_map: this device's slice of the cohort.
+
+        ``ids``, ``valid``, ``store`` and ``data`` arrive replicated; each device
+        slices its own clients and gathers their data and state locally, so the
+        round needs no collective besides the final all-reduce.
+        """
+        alg, g = self.algorithm, self.group_size
+        # Each client trains its own copy of the broadcast: mark it as varying over
+        # the mesh axis, or gradients w.r.t. it would be summed across devices.
+        bcast = jax.tree.map(lambda a: jax.lax.pcast(a, CLIENTS, to="varying"), bcast)
+        n_local = self.padded_cohort // self.num_devices
+        start = jax.lax.axis_index(CLIENTS) * n_local
+        ids = jax.lax.dynamic_slice_in_dim(ids, start, n_local)
+        valid = jax.lax.dynamic_slice_in_dim(valid, start, n_local)
+        safe_ids = jnp.minimum(ids, self.num_clients - 1)
+        cstates = jax.tree.map(lambda a: a[safe_ids], store)
+
+        def one(cid, ok, cstate):
+            safe = jnp.minimum(cid, self.num_clients - 1)
+            cd = ClientData(data.x[safe], data.y[safe], jnp.where(ok, data.counts[safe], 0))
+            out = alg.client_update(bcast, cstate, cd, client_key(rkey, cid))
+            return out._replace(weight=out.weight * ok.astype(jnp.float32))
+
+        per_client = one if g == 1 else jax.vmap(one)
+        xs = jax.tree.map(lambda a: a.reshape((n_local // g, g) + a.shape[1:]) if g > 1 else a, (ids, valid, cstates))
+
+        def weighted_sums(out):
+            w = out.weight
+            if g == 1:
+                upd = jax.tree.map(lambda u: w * u, out.update)
+                met = {k: w * v for k, v in out.metrics.items()}
+                return upd, jnp.sum(w), met
+            upd = jax.tree.map(lambda u: jnp.tensordot(w, u, axes=1), out.update)
+            met = {k: jnp.dot(w, v) for k, v in out.metrics.items()}
+            return upd, jnp.sum(w), met
+
+        first = jax.tree.map(lambda a: a[0], xs)
+        shape = jax.eval_shape(lambda a: weighted_sums(per_client(*a)), first)
+        zeros = jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), CLIENTS, to="varying"), shape)
+
+        def body(acc, x):
+            out = per_client(*x)
+            acc = jax.tree.map(jnp.add, acc, weighted_sums(out))
+            return acc, out.state
+
+        acc, new_states = jax.lax.scan(body, zeros, xs)
+        if g > 1:
+            new_states = jax.tree.map(lambda a: a.reshape((n_local,) + a.shape[2:]), new_states)
+        flat, unravel = ravel_pytree(acc)
+        # The only cross-device collective of the round: one all-reduce.
+        return unravel(jax.lax.psum(flat, CLIENTS)), new_states
+
+    def _round(self, state: SimState, data: FederatedData):
+        alg = self.algorithm
+        rkey = round_key(state.key, state.round)
+        cohort = sample_cohort(rkey, self.num_clients, self.cohort_size)
+        pad = self.padded_cohort - self.cohort_size
+        ids = jnp.concatenate([cohort, jnp.full((pad,), self.num_clients, cohort.dtype)])
+        valid = jnp.arange(self.padded_cohort) < self.cohort_size
+        bcast = alg.broadcast(state.server)
+
+        sharded = jax.shard_map(
+            self._clients,
+            mesh=self.mesh,
+            in_specs=(P(), P(), P(), P(), P(), P()),
+            out_specs=(P(), P(CLIENTS)),
+        )
+        (upd_sum, w_sum, met_sum), new_states = sharded(bcast, rkey, ids, valid, state.clients, data)
+        denom = jnp.maximum(w_sum, 1e-12)
+        mean_update = jax.tree.map(lambda u: u / denom, upd_sum)
+        server, server_metrics = alg.server_update(state.server, mean_update, jax.random.fold_in(rkey, _SERVER))
+        clients = jax.tree.map(lambda a, b: a.at[ids].set(b, mode="drop"), state.clients, new_states)
+        metrics = {("train_" + k if k == "loss" else "client_" + k): v / denom for k, v in met_sum.items()}
+        metrics.update({"server_" + k: v for k, v in server_metrics.items()})
+        metrics["weight_sum"] = w_sum
+        return SimState(state.round + 1, server, clients, state.key), metrics
+
+    def _rounds(self, state: SimState, data: FederatedData, num_rounds: int):
+        return jax.lax.scan(lambda s, _: self._round(s, data), state, None, length=num_rounds)
+
+    # ------------------------------------------------------------------ API
+    def step(self, state: SimState, data: FederatedData) -> tuple[SimState, dict[str, jax.Array]]:
+        """One round (compiled once, then reused). Returns when the round is done.
+
+        Blocking is deliberate: XLA:CPU's in-process collectives can deadlock
+        when several multi-device executions are queued at once (seen with
+        jaxlib 0.10 on 2 cores). Use :meth:`run` to amortise dispatch instead.
+        """
+        return jax.block_until_ready(self._step(state, data))
+
+    def run(self, state: SimState, data: FederatedData, num_rounds: int):
+        """``num_rounds`` rounds in one dispatch (``lax.scan``); metrics stacked ``[R]``."""
+        return jax.block_until_ready(self._run(state, data, int(num_rounds)))
+
+    def round_bytes(self) -> tuple[int, int]:
+        """``(bytes_up, bytes_down)`` of one round: what the cohort uploads and downloads."""
+        return self.cohort_size * self.bytes_up_per_client, self.cohort_size * self.bytes_down_per_client
+
+    def lower(self, state: SimState, data: FederatedData):
+        """The lowered round (for inspecting HLO or compile time)."""
+        return self._step.lower(state, data)

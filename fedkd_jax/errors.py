@@ -1,0 +1,25 @@
+"""Errors raised for bad input, before anything is compiled.
+
+Every error names the offending field (``section.key`` for config values,
+``data.<name>`` for data problems) and what would have been allowed, so the
+CLI can print it as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+
+class FedKDError(ValueError):
+    """Base class for user-facing input errors."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class ConfigError(FedKDError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+class DataError(FedKDError):
+    """The data cannot be federated as requested (NaN, bad labels, empty clients...)."""
