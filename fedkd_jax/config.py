@@ -1,0 +1,229 @@
+"""Typed experiment configuration: dataclasses, YAML files and dotted overrides.
+
+OmegaConf (a maintained library) does the parsing, merging and type checks:
+``OmegaConf.structured`` rejects unknown keys and mistyped values;
+:func:`validate` then checks ranges and choices. Every error is a
+:class:`~fedkd_jax.errors.ConfigError` naming ``section.key`` and what is
+allowed, raised before any data is loaded or anything compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedkd_jax.data import DATASETS, PARTITIONS
+from fedkd_jax.errors import ConfigError
+from fedkd_jax.models import MODELS
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits | mnist5k | synthetic | npz
+    path: Optional[str] = None  # .npz file with x, y (and optional client) for dataset=npz
+    partition: str = "dirichlet"  # iid | dirichlet | shards | quantity | natural
+    num_clients: int = 100
+    alpha: float = 0.5  # Dirichlet concentration (dirichlet label skew, quantity skew)
+    shards_per_client: int = 2  # shards partition: classes-ish per client
+    examples_per_client: Optional[int] = None  # iid only: fixed size; resampled if N*size > pool
+    min_examples: int = 2  # dirichlet/quantity: redraw until every client has this many
+    test_fraction: float = 0.2  # each client's local test split
+    global_test_fraction: float = 0.2  # held out before partitioning (not for natural)
+    synthetic_alpha: float = 1.0  # FedProx Synthetic(alpha, beta)
+    synthetic_beta: float = 1.0
+    max_examples: Optional[int] = None  # synthetic: cap on a client's size
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"  # mlp | cnn
+    hidden: List[int] = field(default_factory=lambda: [64])  # MLP widths; CNN dense width
+    channels: List[int] = field(default_factory=lambda: [16, 32])  # CNN conv channels
+
+
+@dataclass
+class ClientConfig:
+    optimizer: str = "sgd"  # sgd | momentum | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 10
+    local_epochs: int = 1
+    local_steps: Optional[int] = None  # fixed steps per round instead of epochs
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
+    lr: float = 1.0
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class RunConfig:
+    rounds: int = 300
+    cohort_size: int = 10
+    seed: int = 0
+    eval_every: int = 10
+    rounds_per_dispatch: int = 10  # rounds compiled into one lax.scan dispatch
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    devices: Optional[int] = None  # devices on the clients mesh (default: all; CPU: one per core)
+    group_size: int = 1  # clients vmapped together per device (1 is fastest on CPU)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    algorithm: str = "fedavg"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _sections() -> dict[str, list[str]]:
+    return {f.name: [g.name for g in dataclasses.fields(f.default_factory())] for f in dataclasses.fields(Config) if f.name != "algorithm"}
+
+
+def _key_error(e: OmegaConfBaseException) -> ConfigError:
+    key = str(getattr(e, "full_key", "") or getattr(e, "key", "") or "config")
+    section = key.split(".")[0]
+    sections = _sections()
+    if isinstance(e, ConfigKeyError) or "not in" in str(e):
+        if section in sections and "." in key:
+            return ConfigError(key, f"unknown key; allowed keys in '{section}': {', '.join(sections[section])}")
+        return ConfigError(key, f"unknown key; allowed top-level keys: algorithm, {', '.join(sections)}")
+    msg = str(e).splitlines()[0]
+    return ConfigError(key, msg)
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then a YAML file, then ``section.key=value`` overrides; validated.
+
+    Raises:
+      ConfigError: unknown key, wrong type or value out of range.
+    """
+    try:
+        cfg = OmegaConf.structured(Config)
+        if path:
+            try:
+                loaded = OmegaConf.load(path)
+            except FileNotFoundError:
+                raise ConfigError("--config", f"no such file: {path!r}") from None
+            cfg = OmegaConf.merge(cfg, loaded)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError("--set", f"expected section.key=value; got {item!r}")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _key_error(e) from None
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
+    except OmegaConfBaseException as e:
+        raise _key_error(e) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _choice(field_name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(field_name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _positive(field_name: str, value: float | int | None, *, integer: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(field_name, f"must be {kind}; got {value}")
+
+
+def _fraction(field_name: str, value: float, *, upper_open: bool = True) -> None:
+    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        raise ConfigError(field_name, f"must be in [0, 1); got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges; raise :class:`ConfigError` naming the first bad field."""
+    _choice("algorithm", cfg.algorithm, ALGORITHMS)
+    d = cfg.data
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.partition", d.partition, PARTITIONS)
+    if d.dataset == "npz" and not d.path:
+        raise ConfigError("data.path", "dataset 'npz' needs data.path=FILE.npz holding arrays x and y")
+    if d.partition == "natural" and d.dataset not in ("synthetic", "npz"):
+        raise ConfigError("data.partition", f"'natural' needs a dataset with client ids (synthetic or npz); {d.dataset!r} has none")
+    _positive("data.num_clients", d.num_clients, integer=True)
+    _positive("data.alpha", d.alpha)
+    _positive("data.shards_per_client", d.shards_per_client, integer=True)
+    _positive("data.examples_per_client", d.examples_per_client, integer=True, allow_none=True)
+    _positive("data.min_examples", d.min_examples, integer=True)
+    _fraction("data.test_fraction", d.test_fraction)
+    _fraction("data.global_test_fraction", d.global_test_fraction)
+    for name in ("synthetic_alpha", "synthetic_beta"):
+        v = getattr(d, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"data.{name}", f"must be a finite number >= 0; got {v}")
+    _positive("data.max_examples", d.max_examples, integer=True, allow_none=True)
+
+    m = cfg.model
+    _choice("model.kind", m.kind, MODELS)
+    for i, h in enumerate(m.hidden):
+        _positive(f"model.hidden[{i}]", h, integer=True)
+    for i, c in enumerate(m.channels):
+        _positive(f"model.channels[{i}]", c, integer=True)
+
+    c = cfg.client
+    _choice("client.optimizer", c.optimizer, CLIENT_OPTIMIZERS)
+    _positive("client.lr", c.lr)
+    _positive("client.batch_size", c.batch_size, integer=True)
+    _positive("client.local_epochs", c.local_epochs, integer=True)
+    _positive("client.local_steps", c.local_steps, integer=True, allow_none=True)
+    if not 0 <= c.momentum < 1:
+        raise ConfigError("client.momentum", f"must be in [0, 1); got {c.momentum}")
+
+    s = cfg.server
+    _choice("server.optimizer", s.optimizer, SERVER_OPTIMIZERS)
+    _positive("server.lr", s.lr)
+    _positive("server.tau", s.tau)
+    for name in ("momentum", "b1", "b2"):
+        v = getattr(s, name)
+        if not 0 <= v < 1:
+            raise ConfigError(f"server.{name}", f"must be in [0, 1); got {v}")
+
+    r = cfg.run
+    _positive("run.rounds", r.rounds, integer=True)
+    _positive("run.cohort_size", r.cohort_size, integer=True)
+    if r.cohort_size > d.num_clients and d.partition != "natural":
+        raise ConfigError("run.cohort_size", f"must be at most data.num_clients ({d.num_clients}); got {r.cohort_size}")
+    _positive("run.eval_every", r.eval_every, integer=True)
+    _positive("run.rounds_per_dispatch", r.rounds_per_dispatch, integer=True)
+    _positive("run.checkpoint_every", r.checkpoint_every, integer=True)
+    _positive("run.keep_checkpoints", r.keep_checkpoints, integer=True)
+    _positive("run.devices", r.devices, integer=True, allow_none=True)
+    _positive("run.group_size", r.group_size, integer=True)
+    if r.seed < 0:
+        raise ConfigError("run.seed", f"must be >= 0; got {r.seed}")

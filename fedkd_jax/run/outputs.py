@@ -1,0 +1,111 @@
+"""Run-directory outputs: ``metrics.jsonl``, ``metrics.csv`` and the accuracy plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Iterable
+
+BASE_COLUMNS = [
+    "round",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "client_acc_mean",
+    "client_acc_p10",
+    "client_acc_p90",
+    "round_time",
+    "wall_time",
+    "bytes_up",
+    "bytes_down",
+]
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLog:
+    """Appends one row per round to ``metrics.jsonl`` and ``metrics.csv``.
+
+    The CSV columns are :data:`BASE_COLUMNS` plus the extra keys of the first
+    row written (fixed thereafter); the JSONL rows carry every key.
+    """
+
+    def __init__(self, run_dir: str):
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self.csv_path = os.path.join(run_dir, "metrics.csv")
+        self.columns: list[str] | None = None
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
+        if not rows:
+            return
+        if self.columns is None:
+            extra = sorted(k for k in rows[0] if k not in BASE_COLUMNS)
+            self.columns = BASE_COLUMNS + extra
+            if not os.path.exists(self.csv_path):
+                with open(self.csv_path, "w", newline="") as f:
+                    csv.writer(f).writerow(self.columns)
+        with open(self.jsonl_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in self.columns})
+        self.rows.extend(rows)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_accuracy(rows: list[dict[str, Any]], path: str, *, title: str = "") -> None:
+    """Test accuracy (with the 10th-90th percentile band of per-client accuracy) and
+    train loss against round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in rows if r.get("test_accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if ev:
+        rr = [r["round"] for r in ev]
+        ax.plot(rr, [r["test_accuracy"] for r in ev], "o-", ms=3, label="global model, test set")
+        if all(r.get("client_acc_p10") is not None for r in ev):
+            ax.fill_between(
+                rr,
+                [r["client_acc_p10"] for r in ev],
+                [r["client_acc_p90"] for r in ev],
+                alpha=0.2,
+                label="per-client test accuracy, p10-p90",
+            )
+            ax.plot(rr, [r["client_acc_mean"] for r in ev], "--", lw=1, label="per-client mean")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    tr = [r for r in rows if r.get("train_loss") is not None]
+    if tr:
+        ax2 = ax.twinx()
+        ax2.plot([r["round"] for r in tr], [r["train_loss"] for r in tr], color="gray", lw=0.8, alpha=0.6, label="train loss")
+        ax2.set_ylabel("train loss")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
