@@ -1,0 +1,139 @@
+"""Partitions have their advertised properties; Synthetic follows its recipe."""
+
+import numpy as np
+import pytest
+
+import fedkd_jax as fk
+from fedkd_jax.data import partition as P
+
+
+def _check_cover(parts, n, disjoint=True):
+    allidx = np.concatenate(parts)
+    if disjoint:
+        assert len(allidx) == len(set(allidx.tolist())) == n
+
+
+def test_iid_is_even_and_disjoint():
+    parts = P.iid(103, 10, np.random.default_rng(0))
+    _check_cover(parts, 103)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_iid_resampling_gives_fixed_sizes_beyond_the_pool():
+    parts = P.iid(400, 50, np.random.default_rng(0), examples_per_client=40)
+    assert all(len(p) == 40 and len(set(p.tolist())) == 40 for p in parts)
+    assert len(set(np.concatenate(parts).tolist())) > 300  # draws span the pool
+
+
+def _classes_per_client(parts, y):
+    return np.array([len(np.unique(y[p])) for p in parts])
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks(digits):
+    y = digits.y
+    rng = np.random.default_rng(1)
+    skewed = P.dirichlet(y, 30, 0.1, rng)
+    near_iid = P.dirichlet(y, 30, 100.0, rng)
+    _check_cover(skewed, len(y))
+    _check_cover(near_iid, len(y))
+    assert min(len(p) for p in skewed) >= 2
+    assert _classes_per_client(skewed, y).mean() < 5 < _classes_per_client(near_iid, y).mean()
+    # near-IID label histograms are close to the global one
+    glob = np.bincount(y, minlength=10) / len(y)
+    tv = np.mean([0.5 * np.abs(np.bincount(y[p], minlength=10) / len(p) - glob).sum() for p in near_iid])
+    assert tv < 0.15
+
+
+def test_shards_give_each_client_few_classes(digits):
+    y = digits.y
+    parts = P.shards(y, 50, 2, np.random.default_rng(0))
+    _check_cover(parts, len(y))
+    k = _classes_per_client(parts, y)
+    assert k.max() <= 4  # a shard straddles at most two labels
+    assert np.mean(k <= 2) > 0.7
+
+
+def test_quantity_skew_varies_sizes_not_labels(digits):
+    y = digits.y
+    skew = P.quantity(len(y), 20, 0.3, np.random.default_rng(0))
+    flat = P.quantity(len(y), 20, 1000.0, np.random.default_rng(0))
+    _check_cover(skew, len(y))
+    cv = lambda ps: np.std([len(p) for p in ps]) / np.mean([len(p) for p in ps])  # noqa: E731
+    assert cv(skew) > 3 * cv(flat)
+    big = max(skew, key=len)
+    assert len(np.unique(y[big])) == 10
+
+
+def test_natural_groups_by_client_id():
+    ids = np.array([2, 0, 1, 2, 2, 0])
+    parts = P.natural(ids)
+    assert [sorted(p.tolist()) for p in parts] == [[1, 5], [2], [0, 3, 4]]
+
+
+def test_federate_is_deterministic_and_padded(digits):
+    a = fk.federate(digits, partition="dirichlet", num_clients=30, seed=4, alpha=0.5)
+    b = fk.federate(digits, partition="dirichlet", num_clients=30, seed=4, alpha=0.5)
+    c = fk.federate(digits, partition="dirichlet", num_clients=30, seed=5, alpha=0.5)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    assert not np.array_equal(a.counts, c.counts)
+    # padding is zero, counts match, train + local test + global test = whole dataset
+    for i in range(a.num_clients):
+        assert not a.x[i, a.counts[i]:].any() and not a.y[i, a.counts[i]:].any()
+    total = a.counts.sum() + a.test_counts.sum() + len(a.global_y)
+    assert total == len(digits.y)
+    assert abs(len(a.global_y) - 0.2 * len(digits.y)) <= 1
+    # every client's local test split is about 20% and never empties its train split
+    assert (a.counts >= 1).all()
+    np.testing.assert_allclose(a.test_counts, np.floor(0.2 * (a.counts + a.test_counts)), atol=1)
+
+
+def test_synthetic_follows_the_fedprox_recipe():
+    ds = fk.data.synthetic(0.0, 0.0, 30, seed=0)
+    sizes = np.bincount(ds.client_ids)
+    assert len(sizes) == 30 and sizes.min() >= 50
+    assert ds.x.shape[1] == 60 and set(np.unique(ds.y)) <= set(range(10))
+    # within-client covariance is diag(j^-1.2) around the client's mean v_k
+    sigma = np.arange(1, 61) ** -1.2
+    big = np.argsort(sizes)[-5:]
+    var = np.mean([ds.x[ds.client_ids == k].var(0) for k in big], axis=0)
+    np.testing.assert_allclose(var, sigma, rtol=0.35)
+    # with beta = 0, client means v_k ~ N(0, 1): spread of means across clients ~ 1
+    means = np.array([ds.x[ds.client_ids == k].mean(0) for k in range(30)])
+    assert 0.6 < means.std(0).mean() < 1.4
+    # beta shifts the centre of each client's means: B_k ~ N(0, beta)
+    wide = fk.data.synthetic(0.0, 5.0, 30, seed=0)
+    wmeans = np.array([wide.x[wide.client_ids == k].mean(0).mean() for k in range(30)])
+    assert 3.0 < wmeans.std() < 7.5
+    # deterministic
+    again = fk.data.synthetic(0.0, 0.0, 30, seed=0)
+    np.testing.assert_array_equal(ds.x, again.x)
+
+
+def test_natural_partition_federates_synthetic():
+    ds = fk.data.synthetic(0.5, 0.5, 12, seed=2, max_examples=300)
+    fd = fk.federate(ds, partition="natural", num_clients=12, seed=0)
+    sizes = np.bincount(ds.client_ids)
+    np.testing.assert_array_equal(fd.counts + fd.test_counts, sizes)
+    assert len(fd.global_y) == fd.test_counts.sum()
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist5k"])
+def test_bundled_datasets_load_offline(name):
+    ds = fk.data.load_dataset(name)
+    assert ds.num_classes == 10 and ds.x.dtype == np.float32
+    assert 0.0 <= ds.x.min() and ds.x.max() <= 1.0
+    assert len(ds.y) == {"digits": 1797, "mnist5k": 5000}[name]
+
+
+def test_npz_loader_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3, 3, 1)).astype(np.float32)
+    y = rng.integers(0, 4, 40)
+    p = tmp_path / "d.npz"
+    np.savez(p, x=x, y=y, client=np.arange(40) % 5)
+    ds = fk.data.load_npz(str(p))
+    assert ds.x.shape == (40, 9) and ds.image_shape == (3, 3, 1) and ds.num_classes == 4
+    fd = fk.federate(ds, partition="natural", num_clients=5, seed=0)
+    assert fd.num_clients == 5 and (fd.counts + fd.test_counts == 8).all()
