@@ -69,7 +69,7 @@ class ServerConfig:
 
 @dataclass
 class RunConfig:
-    rounds: int = 300
+    rounds: int = 1000
     cohort_size: int = 10
     seed: int = 0
     eval_every: int = 10

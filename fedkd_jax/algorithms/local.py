@@ -96,7 +96,7 @@ def local_train(
     batch_size: int,
     epochs: int = 1,
     steps: int | None = None,
-    unroll: int = 1,
+    unroll: int | bool = 1,
 ) -> tuple[Params, dict[str, jax.Array]]:
     """Train ``params`` on one client's padded data.
 

@@ -99,7 +99,8 @@ def federate(
         n_global = int(round(global_test_fraction * n))
         perm = rng.permutation(n)
         g_idx, pool = np.sort(perm[:n_global]), perm[n_global:]
-        if num_clients > len(pool):
+        resampled = partition == "iid" and examples_per_client is not None
+        if num_clients > len(pool) and not resampled:
             raise DataError(
                 "data.num_clients",
                 f"{num_clients} clients but only {len(pool)} training examples; use at most {len(pool)} clients",
