@@ -4,9 +4,10 @@ An algorithm is a factory returning a :class:`FederatedAlgorithm`: a
 NamedTuple of pure functions (like optax's ``GradientTransformation`` or
 fedjax's ``FederatedAlgorithm``). Hyperparameters live in the closure. The
 engine never branches on which algorithm it runs: it samples the cohort,
-calls ``client_update`` for every cohort client (vmapped/scanned, sharded),
-averages ``ClientOutput.update`` with ``ClientOutput.weight`` in one
-all-reduce, calls ``server_update``, and writes per-client state back.
+calls ``client_update`` for every cohort client (scanned, sharded), optionally
+compresses each ``ClientOutput.update``, averages updates (and ``aux``) with
+``ClientOutput.weight`` in one all-reduce, calls ``server_update``, and writes
+per-client state back.
 """
 
 from __future__ import annotations
@@ -42,12 +43,20 @@ class ClientOutput(NamedTuple):
       weight: scalar aggregation weight (example count for FedAvg).
       state: the client's new persistent state (``()`` if none).
       metrics: scalars, averaged over the cohort with ``weight``.
+      upload_bytes: scalar bytes this client transmits, when not simply the
+        size of ``update`` (or of its compressed payload): ``None``.
+      aux: pytree averaged like ``update`` but neither uploaded, compressed
+        nor counted: values the server would compute itself from what it
+        received (e.g. FedDF's ensemble logits on the server's proxy set,
+        which a real server gets by running each uploaded model).
     """
 
     update: Any
     weight: jax.Array
     state: ClientState
     metrics: dict[str, jax.Array]
+    upload_bytes: jax.Array | None = None
+    aux: Any = ()
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -60,8 +69,14 @@ class FederatedAlgorithm(NamedTuple):
       init_client: ``key -> ClientState`` for one client, or ``None`` if stateless.
       broadcast: ``ServerState -> Broadcast`` (what each client downloads).
       client_update: ``(Broadcast, ClientState, ClientData, key) -> ClientOutput``.
-      server_update: ``(ServerState, mean_update, key) -> (ServerState, metrics)``.
+      server_update: ``(ServerState, mean_update, mean_aux, key) -> (ServerState, metrics)``;
+        means are weighted by ``ClientOutput.weight`` over the cohort.
       model_params: ``ServerState -> Params`` of the global model.
+      download_bytes: bytes each cohort client downloads, when not simply the
+        size of ``broadcast(state)`` (``None``).
+      personal_model: model of per-client personalised parameters (e.g. FedKD's
+        private teachers), evaluated on each client's local test split.
+      personal_params: ``ClientState -> Params`` of that model.
     """
 
     name: str
@@ -70,5 +85,8 @@ class FederatedAlgorithm(NamedTuple):
     init_client: Callable[[jax.Array], ClientState] | None
     broadcast: Callable[[ServerState], Broadcast]
     client_update: Callable[[Broadcast, ClientState, ClientData, jax.Array], ClientOutput]
-    server_update: Callable[[ServerState, Any, jax.Array], tuple[ServerState, dict]]
+    server_update: Callable[[ServerState, Any, Any, jax.Array], tuple[ServerState, dict]]
     model_params: Callable[[ServerState], Params]
+    download_bytes: int | None = None
+    personal_model: Model | None = None
+    personal_params: Callable[[ClientState], Params] | None = None

@@ -66,8 +66,8 @@ def fedavg(
         delta = jax.tree.map(lambda a, b: a - b, new_params, params)
         return ClientOutput(delta, data.count.astype(jax.numpy.float32), client_state, metrics)
 
-    def server_update(state: FedAvgState, mean_delta, key: jax.Array):
-        del key
+    def server_update(state: FedAvgState, mean_delta, mean_aux, key: jax.Array):
+        del mean_aux, key
         grads = jax.tree.map(lambda d: -d, mean_delta)
         updates, opt_state = server_optimizer.update(grads, state.opt_state, state.params)
         return FedAvgState(optax.apply_updates(state.params, updates), opt_state), {}

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedkd_jax.algorithms.base import ClientData, FederatedAlgorithm
+from fedkd_jax.compression import Compressor
 from fedkd_jax.data import FederatedData
 from fedkd_jax.engine.mesh import CLIENTS, client_mesh
 from fedkd_jax.errors import ConfigError
@@ -41,6 +42,7 @@ from fedkd_jax.errors import ConfigError
 # Tags folded into the seed key so each use of randomness gets its own stream.
 _SERVER_INIT, _CLIENT_INIT, _ROUND = 0, 1, 2
 _COHORT, _CLIENTS_TAG, _SERVER = 0, 1, 2
+_COMPRESS = 0x5EED  # folded into a client's key for its compressor's randomness
 
 
 @struct.dataclass
@@ -94,6 +96,9 @@ class Simulator:
       cohort_size: ``C`` clients per round, sampled without replacement.
       mesh: a 1-D mesh with axis ``clients`` (default: all devices).
       group_size: clients vmapped together inside a device's scan.
+      compressor: optional compression of every client's uploaded update; the
+        server aggregates the decompressed updates and ``bytes_up`` counts the
+        compressed payloads.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class Simulator:
         cohort_size: int,
         mesh: jax.sharding.Mesh | None = None,
         group_size: int = 1,
+        compressor: Compressor | None = None,
     ):
         n = data.num_clients
         if not 1 <= cohort_size <= n:
@@ -115,14 +121,22 @@ class Simulator:
         self.num_clients = n
         self.cohort_size = cohort_size
         self.group_size = group_size
+        self.compressor = compressor
         self.num_devices = int(self.mesh.devices.size)
         block = self.num_devices * group_size
         self.padded_cohort = math.ceil(cohort_size / block) * block
         self._data_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), data)
 
         abstract = jax.eval_shape(self.init, 0)
-        self.bytes_down_per_client = tree_bytes(jax.eval_shape(algorithm.broadcast, abstract.server))
-        self.bytes_up_per_client = tree_bytes(self._abstract_update(abstract))
+        if algorithm.download_bytes is not None:
+            self.bytes_down_per_client = int(algorithm.download_bytes)
+        else:
+            self.bytes_down_per_client = tree_bytes(jax.eval_shape(algorithm.broadcast, abstract.server))
+        out = self._abstract_output(abstract)
+        self.bytes_up_per_client = tree_bytes(out.update)
+        # Upload bytes are known statically (exact Python ints) unless the payload
+        # depends on the data: compression or an algorithm-reported size.
+        self.static_upload = compressor is None and out.upload_bytes is None
         self._replicated = NamedSharding(self.mesh, P())
         self._step = jax.jit(self._round)
         self._run = jax.jit(self._rounds, static_argnums=2)
@@ -146,7 +160,7 @@ class Simulator:
     def put_state(self, state: SimState) -> SimState:
         return jax.device_put(state, self._replicated)
 
-    def _abstract_update(self, abstract: SimState):
+    def _abstract_output(self, abstract: SimState):
         d = self._data_shapes
         cd = ClientData(
             jax.ShapeDtypeStruct(d.x.shape[1:], d.x.dtype),
@@ -155,10 +169,10 @@ class Simulator:
         )
         cs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract.clients)
         bc = jax.eval_shape(self.algorithm.broadcast, abstract.server)
-        return jax.eval_shape(self.algorithm.client_update, bc, cs, cd, abstract.key).update
+        return jax.eval_shape(self.algorithm.client_update, bc, cs, cd, abstract.key)
 
     # ----------------------------------------------------------------- round
-    def _clients(self, bcast, rkey, ids, valid, store, data: FederatedData):
+    def _clients(self, bcast, rkey, round_index, ids, valid, store, data: FederatedData):
         """Per-device body of the shard_map: this device's slice of the cohort.
 
         ``ids``, ``valid``, ``store`` and ``data`` arrive replicated; each device
@@ -179,8 +193,17 @@ class Simulator:
         def one(cid, ok, cstate):
             safe = jnp.minimum(cid, self.num_clients - 1)
             cd = ClientData(data.x[safe], data.y[safe], jnp.where(ok, data.counts[safe], 0))
-            out = alg.client_update(bcast, cstate, cd, client_key(rkey, cid))
-            return out._replace(weight=out.weight * ok.astype(jnp.float32))
+            ckey = client_key(rkey, cid)
+            out = alg.client_update(bcast, cstate, cd, ckey)
+            nbytes = out.upload_bytes
+            if self.compressor is not None:
+                update, payload = self.compressor.compress(out.update, jax.random.fold_in(ckey, _COMPRESS), round_index)
+                out = out._replace(update=update)
+                nbytes = payload if nbytes is None else nbytes
+            if nbytes is None:
+                nbytes = jnp.float32(self.bytes_up_per_client)
+            okf = ok.astype(jnp.float32)
+            return out._replace(weight=out.weight * okf, upload_bytes=nbytes * okf)
 
         per_client = one if g == 1 else jax.vmap(one)
         xs = jax.tree.map(lambda a: a.reshape((n_local // g, g) + a.shape[1:]) if g > 1 else a, (ids, valid, cstates))
@@ -188,12 +211,13 @@ class Simulator:
         def weighted_sums(out):
             w = out.weight
             if g == 1:
-                upd = jax.tree.map(lambda u: w * u, out.update)
-                met = {k: w * v for k, v in out.metrics.items()}
-                return upd, jnp.sum(w), met
-            upd = jax.tree.map(lambda u: jnp.tensordot(w, u, axes=1), out.update)
-            met = {k: jnp.dot(w, v) for k, v in out.metrics.items()}
-            return upd, jnp.sum(w), met
+                wsum = lambda u: w * u  # noqa: E731
+            else:
+                wsum = lambda u: jnp.tensordot(w, u, axes=1)  # noqa: E731
+            upd = jax.tree.map(wsum, out.update)
+            aux = jax.tree.map(wsum, out.aux)
+            met = {k: wsum(v) for k, v in out.metrics.items()}
+            return upd, aux, jnp.sum(w), met, jnp.sum(out.upload_bytes)
 
         first = jax.tree.map(lambda a: a[0], xs)
         shape = jax.eval_shape(lambda a: weighted_sums(per_client(*a)), first)
@@ -223,17 +247,22 @@ class Simulator:
         sharded = jax.shard_map(
             self._clients,
             mesh=self.mesh,
-            in_specs=(P(), P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), P(), P(), P(), P(), P()),
             out_specs=(P(), P(CLIENTS)),
         )
-        (upd_sum, w_sum, met_sum), new_states = sharded(bcast, rkey, ids, valid, state.clients, data)
+        (upd_sum, aux_sum, w_sum, met_sum, bytes_up), new_states = sharded(
+            bcast, rkey, state.round, ids, valid, state.clients, data
+        )
         denom = jnp.maximum(w_sum, 1e-12)
         mean_update = jax.tree.map(lambda u: u / denom, upd_sum)
-        server, server_metrics = alg.server_update(state.server, mean_update, jax.random.fold_in(rkey, _SERVER))
+        mean_aux = jax.tree.map(lambda u: u / denom, aux_sum)
+        server, server_metrics = alg.server_update(state.server, mean_update, mean_aux, jax.random.fold_in(rkey, _SERVER))
         clients = jax.tree.map(lambda a, b: a.at[ids].set(b, mode="drop"), state.clients, new_states)
         metrics = {("train_" + k if k == "loss" else "client_" + k): v / denom for k, v in met_sum.items()}
         metrics.update({"server_" + k: v for k, v in server_metrics.items()})
         metrics["weight_sum"] = w_sum
+        if not self.static_upload:
+            metrics["bytes_up"] = bytes_up
         return SimState(state.round + 1, server, clients, state.key), metrics
 
     def _rounds(self, state: SimState, data: FederatedData, num_rounds: int):
@@ -254,7 +283,8 @@ class Simulator:
         return jax.block_until_ready(self._run(state, data, int(num_rounds)))
 
     def round_bytes(self) -> tuple[int, int]:
-        """``(bytes_up, bytes_down)`` of one round: what the cohort uploads and downloads."""
+        """``(bytes_up, bytes_down)`` of one round without compression: what the cohort
+        uploads and downloads. With compression the round's metrics carry ``bytes_up``."""
         return self.cohort_size * self.bytes_up_per_client, self.cohort_size * self.bytes_down_per_client
 
     def lower(self, state: SimState, data: FederatedData):

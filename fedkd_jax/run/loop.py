@@ -72,6 +72,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     t_start = time.perf_counter()
     first_dispatch = None
     done = 0
+    cum_up = cum_down = 0
     last_eval: dict[str, Any] = {}
     try:
         while done < r.rounds:
@@ -94,10 +95,13 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
             rows = []
             for i in range(n):
                 row = {"round": done + i + 1}
-                row.update({k: float(v[i]) for k, v in m.items() if k != "weight_sum"})
+                row.update({k: float(v[i]) for k, v in m.items() if k not in ("weight_sum", "bytes_up")})
                 row["round_time"] = dt / n
-                row["bytes_up"] = bytes_up
+                row["bytes_up"] = int(round(float(m["bytes_up"][i]))) if "bytes_up" in m else bytes_up
                 row["bytes_down"] = bytes_down
+                cum_up += row["bytes_up"]
+                cum_down += bytes_down
+                row["cum_bytes_up"], row["cum_bytes_down"] = cum_up, cum_down
                 rows.append(row)
             done += n
             if done % r.eval_every == 0 or done == r.rounds:

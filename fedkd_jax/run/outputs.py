@@ -20,6 +20,8 @@ BASE_COLUMNS = [
     "wall_time",
     "bytes_up",
     "bytes_down",
+    "cum_bytes_up",
+    "cum_bytes_down",
 ]
 
 
