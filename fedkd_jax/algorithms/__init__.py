@@ -1,8 +1,21 @@
 """Federated algorithms: factories returning :class:`FederatedAlgorithm`."""
 
 from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
-from fedkd_jax.algorithms.fedavg import FedAvgState, fedavg
-from fedkd_jax.algorithms.local import batch_schedule, epoch_order, local_train, num_local_steps, tree_where
+from fedkd_jax.algorithms.fedavg import FedAvgState, fedavg, server_sgd_update, straggler_steps
+from fedkd_jax.algorithms.feddf import FedDFState, feddf
+from fedkd_jax.algorithms.fedkd import TeacherState, fedkd
+from fedkd_jax.algorithms.fedprox import fedprox
+from fedkd_jax.algorithms.server_distill import distill_on_proxy
+from fedkd_jax.algorithms.server_teacher_kd import ServerTeacherState, server_teacher_kd
+from fedkd_jax.algorithms.local import (
+    batch_schedule,
+    epoch_order,
+    local_train,
+    num_local_steps,
+    real_steps,
+    scan_batches,
+    tree_where,
+)
 from fedkd_jax.algorithms.optimizers import (
     CLIENT_OPTIMIZERS,
     SERVER_OPTIMIZERS,
@@ -10,7 +23,7 @@ from fedkd_jax.algorithms.optimizers import (
     server_optimizer,
 )
 
-ALGORITHMS = ("fedavg",)
+ALGORITHMS = ("fedavg", "fedprox", "fedkd", "server_teacher_kd", "feddf")
 
 __all__ = [
     "ALGORITHMS",
@@ -19,13 +32,25 @@ __all__ = [
     "ClientData",
     "ClientOutput",
     "FedAvgState",
+    "FedDFState",
     "FederatedAlgorithm",
+    "ServerTeacherState",
+    "TeacherState",
     "batch_schedule",
     "client_optimizer",
+    "distill_on_proxy",
     "epoch_order",
     "fedavg",
+    "feddf",
+    "fedkd",
+    "fedprox",
     "local_train",
     "num_local_steps",
+    "real_steps",
+    "scan_batches",
     "server_optimizer",
+    "server_sgd_update",
+    "server_teacher_kd",
+    "straggler_steps",
     "tree_where",
 ]

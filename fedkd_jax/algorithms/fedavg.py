@@ -4,9 +4,14 @@ McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
 Decentralized Data" (AISTATS); server optimizers from Reddi et al. 2021,
 "Adaptive Federated Optimization" (ICLR).
 
-Each cohort client starts from the global parameters, runs local SGD on its
-data, and uploads its delta; the server averages deltas weighted by example
-counts and applies ``server_optimizer`` to the negated mean delta.
+Each cohort client starts from the global parameters, runs local training on
+its data, and uploads its delta; the server averages deltas weighted by
+example counts and applies ``server_optimizer`` to the negated mean delta.
+
+Straggler simulation (used by FedProx's comparison, Li et al. 2020): a
+fraction of the cohort stops after a uniformly random number of its real
+local steps (at least one). FedAvg drops those clients' work (weight 0);
+FedProx (``fedkd_jax.algorithms.fedprox``) keeps it.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
-from fedkd_jax.algorithms.local import local_train
+from fedkd_jax.algorithms.local import local_train, real_steps
+from fedkd_jax.errors import ConfigError
 from fedkd_jax.losses import cross_entropy
 from fedkd_jax.models import Model, Params
+
+_STRAGGLER = 0x57A6  # folded into the client key for the straggler draw
 
 
 class FedAvgState(NamedTuple):
@@ -27,6 +36,88 @@ class FedAvgState(NamedTuple):
 
     params: Params
     opt_state: optax.OptState
+
+
+def straggler_steps(key: jax.Array, count: jax.Array, max_examples: int, batch_size: int, *,
+                    fraction: float, epochs: int, steps: int | None) -> tuple[jax.Array, jax.Array]:
+    """``(is_straggler, real steps allowed)`` for one client."""
+    full = real_steps(count, max_examples, batch_size, epochs=epochs, steps=steps)
+    k1, k2 = jax.random.split(jax.random.fold_in(key, _STRAGGLER))
+    is_straggler = jax.random.uniform(k1) < fraction
+    partial = jax.random.randint(k2, (), 1, jnp.maximum(full, 1) + 1)
+    return is_straggler, jnp.where(is_straggler, jnp.minimum(partial, full), full)
+
+
+def server_sgd_update(server_optimizer: optax.GradientTransformation):
+    """``server_update`` of FedAvg-style algorithms: optimizer step on ``-mean_delta``."""
+
+    def server_update(state: FedAvgState, mean_delta, mean_aux, key: jax.Array):
+        del mean_aux, key
+        grads = jax.tree.map(lambda d: -d, mean_delta)
+        updates, opt_state = server_optimizer.update(grads, state.opt_state, state.params)
+        return FedAvgState(optax.apply_updates(state.params, updates), opt_state), {}
+
+    return server_update
+
+
+def local_sgd_algorithm(
+    name: str,
+    model: Model,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    local_epochs: int = 1,
+    local_steps: int | None = None,
+    proximal_mu: float = 0.0,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = True,
+) -> FederatedAlgorithm:
+    """Shared body of FedAvg and FedProx (see the module docstrings)."""
+    if proximal_mu < 0:
+        raise ConfigError("fedprox.mu", f"must be >= 0; got {proximal_mu}")
+    if not 0.0 <= straggler_fraction <= 1.0:
+        raise ConfigError("client.straggler_fraction", f"must be in [0, 1]; got {straggler_fraction}")
+
+    def init(key: jax.Array) -> FedAvgState:
+        params = model.init(key)
+        return FedAvgState(params, server_optimizer.init(params))
+
+    def client_update(params: Params, client_state, data: ClientData, key: jax.Array) -> ClientOutput:
+        def loss_fn(p, x, y, where):
+            logits, _ = model.apply(p, x)
+            loss, m = cross_entropy(logits, y, where=where)
+            if proximal_mu > 0:
+                sq = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
+                loss = loss + 0.5 * proximal_mu * sq
+            return loss, m
+
+        weight = data.count.astype(jnp.float32)
+        cap = None
+        if straggler_fraction > 0:
+            is_straggler, cap = straggler_steps(
+                key, data.count, data.x.shape[0], batch_size,
+                fraction=straggler_fraction, epochs=local_epochs, steps=local_steps,
+            )
+            if drop_stragglers:
+                weight = jnp.where(is_straggler, 0.0, weight)
+        new_params, metrics = local_train(
+            loss_fn, params, client_optimizer, data.x, data.y, data.count, key,
+            batch_size=batch_size, epochs=local_epochs, steps=local_steps, max_real_steps=cap,
+        )
+        delta = jax.tree.map(lambda a, b: a - b, new_params, params)
+        return ClientOutput(delta, weight, client_state, metrics)
+
+    return FederatedAlgorithm(
+        name=name,
+        model=model,
+        init=init,
+        init_client=None,
+        broadcast=lambda state: state.params,
+        client_update=client_update,
+        server_update=server_sgd_update(server_optimizer),
+        model_params=lambda state: state.params,
+    )
 
 
 def fedavg(
@@ -37,6 +128,7 @@ def fedavg(
     batch_size: int,
     local_epochs: int = 1,
     local_steps: int | None = None,
+    straggler_fraction: float = 0.0,
 ) -> FederatedAlgorithm:
     """Build FedAvg (or FedAvgM / FedAdam / FedYogi via ``server_optimizer``).
 
@@ -48,37 +140,11 @@ def fedavg(
       batch_size: local batch size ``B``.
       local_epochs: local epochs ``E`` (ignored when ``local_steps`` is set).
       local_steps: fixed number of local steps instead of epochs.
+      straggler_fraction: fraction of the cohort that stops early; FedAvg
+        drops their updates.
     """
-
-    def loss_fn(params, x, y, where):
-        logits, _ = model.apply(params, x)
-        return cross_entropy(logits, y, where=where)
-
-    def init(key: jax.Array) -> FedAvgState:
-        params = model.init(key)
-        return FedAvgState(params, server_optimizer.init(params))
-
-    def client_update(params: Params, client_state, data: ClientData, key: jax.Array) -> ClientOutput:
-        new_params, metrics = local_train(
-            loss_fn, params, client_optimizer, data.x, data.y, data.count, key,
-            batch_size=batch_size, epochs=local_epochs, steps=local_steps,
-        )
-        delta = jax.tree.map(lambda a, b: a - b, new_params, params)
-        return ClientOutput(delta, data.count.astype(jax.numpy.float32), client_state, metrics)
-
-    def server_update(state: FedAvgState, mean_delta, mean_aux, key: jax.Array):
-        del mean_aux, key
-        grads = jax.tree.map(lambda d: -d, mean_delta)
-        updates, opt_state = server_optimizer.update(grads, state.opt_state, state.params)
-        return FedAvgState(optax.apply_updates(state.params, updates), opt_state), {}
-
-    return FederatedAlgorithm(
-        name="fedavg",
-        model=model,
-        init=init,
-        init_client=None,
-        broadcast=lambda state: state.params,
-        client_update=client_update,
-        server_update=server_update,
-        model_params=lambda state: state.params,
+    return local_sgd_algorithm(
+        "fedavg", model, client_optimizer, server_optimizer,
+        batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps,
+        straggler_fraction=straggler_fraction, drop_stragglers=True,
     )

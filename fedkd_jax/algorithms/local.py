@@ -84,6 +84,55 @@ def batch_schedule(
     return idx, mask
 
 
+def scan_batches(
+    step: Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[Any, dict[str, jax.Array]]],
+    carry: Any,
+    x: jax.Array,
+    y: jax.Array,
+    count: jax.Array,
+    key: jax.Array,
+    *,
+    batch_size: int,
+    epochs: int = 1,
+    steps: int | None = None,
+    max_real_steps: jax.Array | None = None,
+    unroll: int | bool = 1,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Run ``step(carry, xb [B, D], yb [B], where [B]) -> (carry, metrics)`` over the schedule.
+
+    A step whose batch holds no real row keeps the old carry (parameters and
+    optimizer states alike). ``max_real_steps`` (straggler simulation) stops
+    the client after that many real steps.
+
+    Returns:
+      ``(carry, metrics)``: each metric averaged over the real steps, plus
+      ``"steps"``, the number of real steps taken.
+    """
+    idx, mask = batch_schedule(key, count, x.shape[0], batch_size, epochs=epochs, steps=steps)
+    if max_real_steps is not None:
+        real_so_far = jnp.cumsum(jnp.any(mask, axis=1))
+        mask = mask & (real_so_far <= max_real_steps)[:, None]
+
+    def body(c, batch):
+        bi, bm = batch
+        new_c, metrics = step(c, x[bi], y[bi], bm)
+        real = jnp.any(bm)
+        return tree_where(real, new_c, c), (metrics, real.astype(jnp.float32))
+
+    carry, (metrics, real) = jax.lax.scan(body, carry, (idx, mask), unroll=unroll)
+    n = jnp.sum(real)
+    out = {k: jnp.sum(v * real) / jnp.maximum(n, 1.0) for k, v in metrics.items()}
+    out["steps"] = n
+    return carry, out
+
+
+def real_steps(count: jax.Array, max_examples: int, batch_size: int, *, epochs: int = 1, steps: int | None = None) -> jax.Array:
+    """Number of real (non-empty) local steps a client with ``count`` rows takes."""
+    if steps is not None:
+        return jnp.where(count > 0, steps, 0)
+    return epochs * ((count + batch_size - 1) // batch_size)
+
+
 def local_train(
     loss_fn: LossFn,
     params: Params,
@@ -96,9 +145,10 @@ def local_train(
     batch_size: int,
     epochs: int = 1,
     steps: int | None = None,
+    max_real_steps: jax.Array | None = None,
     unroll: int | bool = 1,
 ) -> tuple[Params, dict[str, jax.Array]]:
-    """Train ``params`` on one client's padded data.
+    """Train ``params`` on one client's padded data with a fresh ``optimizer`` state.
 
     Args:
       loss_fn: ``(params, x [B, D], y [B], where [B]) -> (loss, metrics)``.
@@ -106,25 +156,21 @@ def local_train(
       optimizer: the local optax optimizer (state starts fresh each round).
       x: ``[M, D]`` padded features; y: ``[M]`` labels; count: real rows.
       key: this client's key for this round.
+      max_real_steps: optional cap on real steps (stragglers).
 
     Returns:
       ``(params, {"loss": mean loss over real steps, "steps": real steps})``.
     """
-    idx, mask = batch_schedule(key, count, x.shape[0], batch_size, epochs=epochs, steps=steps)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(carry, batch):
-        p, opt_state, loss_sum, n = carry
-        bi, bm = batch
-        (loss, _), grads = grad_fn(p, x[bi], y[bi], bm)
-        updates, new_opt_state = optimizer.update(grads, opt_state, p)
-        real = jnp.any(bm)
-        p = tree_where(real, optax.apply_updates(p, updates), p)
-        opt_state = tree_where(real, new_opt_state, opt_state)
-        real_f = real.astype(jnp.float32)
-        return (p, opt_state, loss_sum + loss * real_f, n + real_f), None
+    def step(carry, xb, yb, where):
+        p, opt_state = carry
+        (loss, _), grads = grad_fn(p, xb, yb, where)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), opt_state), {"loss": loss}
 
-    zero = jnp.zeros_like(count, jnp.float32)  # typed like the client's data (varying under shard_map)
-    init = (params, optimizer.init(params), zero, zero)
-    (params, _, loss_sum, n), _ = jax.lax.scan(step, init, (idx, mask), unroll=unroll)
-    return params, {"loss": loss_sum / jnp.maximum(n, 1.0), "steps": n}
+    (params, _), metrics = scan_batches(
+        step, (params, optimizer.init(params)), x, y, count, key,
+        batch_size=batch_size, epochs=epochs, steps=steps, max_real_steps=max_real_steps, unroll=unroll,
+    )
+    return params, metrics

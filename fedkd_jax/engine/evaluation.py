@@ -61,6 +61,23 @@ def make_evaluator(apply: Apply, *, chunk: int = 1024):
     return evaluate
 
 
+def make_personal_evaluator(apply: Apply, *, clients_per_chunk: int = 64):
+    """``evaluate(stacked_params [N, ...], data) -> [N]`` accuracy of each client's own
+    model (e.g. its private teacher) on its local test split (NaN without one)."""
+
+    @jax.jit
+    def evaluate(stacked_params, data: FederatedData) -> jax.Array:
+        def one(args):
+            params, x, y, n = args
+            logits, _ = apply(params, x)
+            hit = (jnp.argmax(logits, -1) == y) & (jnp.arange(y.shape[0]) < n)
+            return jnp.where(n > 0, jnp.sum(hit) / jnp.maximum(n, 1), jnp.nan)
+
+        return jax.lax.map(one, (stacked_params, data.test_x, data.test_y, data.test_counts), batch_size=clients_per_chunk)
+
+    return evaluate
+
+
 def summarize_clients(client_accuracy: np.ndarray, prefix: str = "client_acc") -> dict[str, float]:
     """Mean, 10th and 90th percentile of per-client accuracy (ignoring NaN)."""
     a = np.asarray(client_accuracy, np.float64)

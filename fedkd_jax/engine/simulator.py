@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
@@ -38,6 +37,7 @@ from fedkd_jax.compression import Compressor
 from fedkd_jax.data import FederatedData
 from fedkd_jax.engine.mesh import CLIENTS, client_mesh
 from fedkd_jax.errors import ConfigError
+from fedkd_jax.tree_util import tree_bytes
 
 # Tags folded into the seed key so each use of randomness gets its own stream.
 _SERVER_INIT, _CLIENT_INIT, _ROUND = 0, 1, 2
@@ -62,11 +62,6 @@ class SimState:
     server: Any
     clients: Any
     key: jax.Array
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of all leaves of ``tree`` (arrays or shape structs)."""
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def round_key(base: jax.Array, round_index: jax.Array) -> jax.Array:

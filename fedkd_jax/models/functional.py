@@ -27,6 +27,7 @@ class Model(NamedTuple):
     num_params: int
     feature_dim: int
     name: str
+    in_features: int = 0
 
 
 def functional(build: Callable[[nnx.Rngs], nnx.Module], name: str = "model") -> Model:
@@ -42,8 +43,9 @@ def functional(build: Callable[[nnx.Rngs], nnx.Module], name: str = "model") -> 
     def apply(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         return nnx.merge(graphdef, params)(x)
 
-    feat = jax.eval_shape(lambda p, x: apply(p, x)[1], shapes, jax.ShapeDtypeStruct((1, _in_dim(abstract)), np.float32))
-    return Model(init, apply, num_params, int(np.prod(feat.shape[1:])), name)
+    d = _in_dim(abstract)
+    feat = jax.eval_shape(lambda p, x: apply(p, x)[1], shapes, jax.ShapeDtypeStruct((1, d), np.float32))
+    return Model(init, apply, num_params, int(np.prod(feat.shape[1:])), name, d)
 
 
 def _in_dim(module: nnx.Module) -> int:
