@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedkd_jax.compression import COMPRESSIONS
 from fedkd_jax.data import DATASETS, PARTITIONS
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
@@ -35,6 +36,7 @@ class DataConfig:
     min_examples: int = 2  # dirichlet/quantity: redraw until every client has this many
     test_fraction: float = 0.2  # each client's local test split
     global_test_fraction: float = 0.2  # held out before partitioning (not for natural)
+    proxy_fraction: float = 0.0  # unlabeled proxy rows held out for feddf / server_teacher_kd
     synthetic_alpha: float = 1.0  # FedProx Synthetic(alpha, beta)
     synthetic_beta: float = 1.0
     max_examples: Optional[int] = None  # synthetic: cap on a client's size
@@ -55,6 +57,7 @@ class ClientConfig:
     batch_size: int = 10
     local_epochs: int = 1
     local_steps: Optional[int] = None  # fixed steps per round instead of epochs
+    straggler_fraction: float = 0.0  # cohort share stopping early (fedavg drops, fedprox keeps)
 
 
 @dataclass
@@ -65,6 +68,32 @@ class ServerConfig:
     b1: float = 0.9
     b2: float = 0.99
     tau: float = 1e-3
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 1.0  # softmax temperature of every KD term
+    alpha: float = 0.5  # server_teacher_kd: alpha * CE + (1 - alpha) * T^2 * KL
+    teacher_kind: str = "mlp"  # fedkd private teachers / server teacher
+    teacher_hidden: List[int] = field(default_factory=lambda: [128, 128])
+    teacher_optimizer: str = "sgd"  # fedkd private teachers (state persists per client)
+    teacher_lr: float = 0.05
+    server_steps: int = 50  # feddf / server_teacher_kd: distillation steps per round
+    server_lr: float = 1e-3  # their Adam learning rate
+    server_batch_size: int = 64
+
+
+@dataclass
+class FedProxConfig:
+    mu: float = 0.01  # proximal weight
+
+
+@dataclass
+class CompressionConfig:
+    method: str = "auto"  # auto (svd for fedkd, else none) | none | svd | topk | quant8
+    energy_start: float = 0.95  # svd: energy kept at round 0 ...
+    energy_end: float = 0.98  # ... rising linearly to this at the last round
+    topk_fraction: float = 0.1  # topk: share of entries kept per tensor
 
 
 @dataclass
@@ -83,12 +112,21 @@ class RunConfig:
 
 @dataclass
 class Config:
-    algorithm: str = "fedavg"
+    algorithm: str = "fedkd"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def compression_method(cfg: Config) -> str:
+    """Resolve ``auto``: FedKD's SVD for fedkd, no compression otherwise."""
+    m = cfg.compression.method
+    return ("svd" if cfg.algorithm == "fedkd" else "none") if m == "auto" else m
 
 
 def _sections() -> dict[str, list[str]]:
@@ -183,6 +221,9 @@ def validate(cfg: Config) -> None:
     _positive("data.min_examples", d.min_examples, integer=True)
     _fraction("data.test_fraction", d.test_fraction)
     _fraction("data.global_test_fraction", d.global_test_fraction)
+    _fraction("data.proxy_fraction", d.proxy_fraction)
+    if cfg.algorithm in ("feddf", "server_teacher_kd") and d.proxy_fraction <= 0:
+        raise ConfigError("data.proxy_fraction", f"{cfg.algorithm} distils on an unlabeled proxy set; set it in (0, 1), e.g. 0.1")
     for name in ("synthetic_alpha", "synthetic_beta"):
         v = getattr(d, name)
         if not (math.isfinite(v) and v >= 0):
@@ -204,6 +245,30 @@ def validate(cfg: Config) -> None:
     _positive("client.local_steps", c.local_steps, integer=True, allow_none=True)
     if not 0 <= c.momentum < 1:
         raise ConfigError("client.momentum", f"must be in [0, 1); got {c.momentum}")
+    if not 0 <= c.straggler_fraction <= 1:
+        raise ConfigError("client.straggler_fraction", f"must be in [0, 1]; got {c.straggler_fraction}")
+
+    k = cfg.distill
+    _positive("distill.temperature", k.temperature)
+    if not 0 <= k.alpha <= 1:
+        raise ConfigError("distill.alpha", f"must be in [0, 1]; got {k.alpha}")
+    _choice("distill.teacher_kind", k.teacher_kind, MODELS)
+    for i, h in enumerate(k.teacher_hidden):
+        _positive(f"distill.teacher_hidden[{i}]", h, integer=True)
+    _choice("distill.teacher_optimizer", k.teacher_optimizer, CLIENT_OPTIMIZERS)
+    _positive("distill.teacher_lr", k.teacher_lr)
+    _positive("distill.server_steps", k.server_steps, integer=True)
+    _positive("distill.server_lr", k.server_lr)
+    _positive("distill.server_batch_size", k.server_batch_size, integer=True)
+    if not (math.isfinite(cfg.fedprox.mu) and cfg.fedprox.mu >= 0):
+        raise ConfigError("fedprox.mu", f"must be a finite number >= 0; got {cfg.fedprox.mu}")
+
+    z = cfg.compression
+    _choice("compression.method", z.method, ("auto",) + COMPRESSIONS)
+    for name in ("energy_start", "energy_end", "topk_fraction"):
+        v = getattr(z, name)
+        if not 0 < v <= 1:
+            raise ConfigError(f"compression.{name}", f"must be in (0, 1]; got {v}")
 
     s = cfg.server
     _choice("server.optimizer", s.optimizer, SERVER_OPTIMIZERS)

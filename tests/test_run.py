@@ -16,6 +16,7 @@ from fedkd_jax.engine import Simulator, make_evaluator
 from fedkd_jax.run import Checkpointer, read_jsonl, run_experiment
 
 SMALL = [
+    "algorithm=fedavg",
     "data.num_clients=20",
     "run.cohort_size=5",
     "run.rounds=30",
@@ -48,7 +49,7 @@ def test_run_writes_metrics_plot_checkpoints_and_learns(tmp_path):
     # the last checkpoint holds exactly the final state
     data = build_data(cfg)
     model = build_model(cfg, data)
-    alg = build_algorithm(cfg, model)
+    alg = build_algorithm(cfg, model, data)
     sim = Simulator(alg, data, cohort_size=5, mesh=fk.client_mesh(2))
     ck = Checkpointer(os.path.join(out, "checkpoints"))
     assert ck.manager.all_steps() == [15, 30]

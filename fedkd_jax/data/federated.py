@@ -24,6 +24,8 @@ class FederatedData:
       counts: ``[N]`` int32 number of real train examples per client.
       test_x, test_y, test_counts: the same for each client's local test split.
       global_x: ``[G, D]`` global test features; global_y: ``[G]`` labels.
+      proxy_x: ``[P, D]`` unlabeled proxy rows held out for server-side
+        distillation (FedDF, server-teacher KD), or ``None``.
     """
 
     x: np.ndarray
@@ -34,6 +36,7 @@ class FederatedData:
     test_counts: np.ndarray
     global_x: np.ndarray
     global_y: np.ndarray
+    proxy_x: np.ndarray | None = None
     num_classes: int = struct.field(pytree_node=False, default=10)
     image_shape: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
     name: str = struct.field(pytree_node=False, default="")
@@ -74,6 +77,7 @@ def federate(
     examples_per_client: int | None = None,
     test_fraction: float = 0.2,
     global_test_fraction: float = 0.2,
+    proxy_fraction: float = 0.0,
     min_examples: int = 2,
 ) -> FederatedData:
     """Split ``dataset`` over clients and pad it into a :class:`FederatedData`.
@@ -99,6 +103,13 @@ def federate(
         n_global = int(round(global_test_fraction * n))
         perm = rng.permutation(n)
         g_idx, pool = np.sort(perm[:n_global]), perm[n_global:]
+    proxy_idx = np.zeros(0, np.int64)
+    if proxy_fraction > 0:
+        if natural:
+            raise DataError("data.proxy_fraction", "the natural partition keeps every row with its client; use 0")
+        n_proxy = int(round(proxy_fraction * len(pool)))
+        proxy_idx, pool = np.sort(pool[:n_proxy]), pool[n_proxy:]
+    if not natural:
         resampled = partition == "iid" and examples_per_client is not None
         if num_clients > len(pool) and not resampled:
             raise DataError(
@@ -145,6 +156,7 @@ def federate(
         test_counts=tcounts,
         global_x=dataset.x[g_idx],
         global_y=dataset.y[g_idx],
+        proxy_x=dataset.x[proxy_idx] if len(proxy_idx) else None,
         num_classes=dataset.num_classes,
         image_shape=dataset.image_shape,
         name=dataset.name,

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedkd_jax.builders import build_algorithm, build_data, build_model
+from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model
 from fedkd_jax.config import Config, to_dict, to_yaml, validate
-from fedkd_jax.engine import Simulator, client_mesh, make_evaluator, summarize_clients
+from fedkd_jax.engine import Simulator, client_mesh, make_evaluator, make_personal_evaluator, summarize_clients
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.run.checkpoint import Checkpointer
 from fedkd_jax.run.outputs import MetricsLog, plot_accuracy
@@ -41,6 +41,26 @@ def _check_out_dir(out_dir: str) -> None:
         )
 
 
+def _evaluator(algorithm):
+    """``(state, data) -> dict`` of global metrics, per-client accuracy summary and,
+    for algorithms with personal models (FedKD teachers), their accuracy summary."""
+    global_eval = make_evaluator(algorithm.model.apply)
+    personal_eval = None
+    if algorithm.personal_model is not None:
+        personal_eval = make_personal_evaluator(algorithm.personal_model.apply)
+
+    def evaluate(state, data) -> dict[str, Any]:
+        ev = jax.device_get(global_eval(algorithm.model_params(state.server), data))
+        out = {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
+        out.update(summarize_clients(ev["client_accuracy"]))
+        if personal_eval is not None:
+            acc = jax.device_get(personal_eval(algorithm.personal_params(state.clients), data))
+            out.update(summarize_clients(acc, prefix="teacher_acc"))
+        return out
+
+    return evaluate
+
+
 def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -> RunResult:
     """Run ``cfg`` and write its outputs into ``out_dir``.
 
@@ -52,9 +72,10 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     r = cfg.run
     data = build_data(cfg)
     model = build_model(cfg, data)
-    algorithm = build_algorithm(cfg, model)
-    sim = Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=client_mesh(r.devices), group_size=r.group_size)
-    evaluate = make_evaluator(model.apply)
+    algorithm = build_algorithm(cfg, model, data)
+    sim = Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=client_mesh(r.devices),
+                    group_size=r.group_size, compressor=build_compressor(cfg))
+    evaluate = _evaluator(algorithm)
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
@@ -105,9 +126,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                 rows.append(row)
             done += n
             if done % r.eval_every == 0 or done == r.rounds:
-                ev = jax.device_get(evaluate(algorithm.model_params(state.server), dev_data))
-                last_eval = {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
-                last_eval.update(summarize_clients(ev["client_accuracy"]))
+                last_eval = evaluate(state, dev_data)
                 rows[-1].update(last_eval)
             wall = time.perf_counter() - t_start
             for row in rows:
@@ -119,6 +138,8 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
             post = {"loss": f"{rows[-1].get('train_loss', float('nan')):.3f}"}
             if "test_accuracy" in last_eval:
                 post["acc"] = f"{last_eval['test_accuracy']:.3f}"
+            if "teacher_acc_mean" in last_eval:
+                post["teacher"] = f"{last_eval['teacher_acc_mean']:.3f}"
             bar.set_postfix(post)
     finally:
         bar.close()

@@ -16,6 +16,9 @@ BASE_COLUMNS = [
     "client_acc_mean",
     "client_acc_p10",
     "client_acc_p90",
+    "teacher_acc_mean",
+    "teacher_acc_p10",
+    "teacher_acc_p90",
     "round_time",
     "wall_time",
     "bytes_up",
@@ -74,40 +77,47 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: str, *, title: str = "") -> None:
-    """Test accuracy (with the 10th-90th percentile band of per-client accuracy) and
-    train loss against round."""
+    """Left: global (student) test accuracy with the p10-p90 band of per-client
+    accuracy, mean teacher accuracy when present, and train loss. Right:
+    cumulative megabytes uploaded and downloaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (ax, axb) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     ev = [r for r in rows if r.get("test_accuracy") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     if ev:
         rr = [r["round"] for r in ev]
         ax.plot(rr, [r["test_accuracy"] for r in ev], "o-", ms=3, label="global model, test set")
         if all(r.get("client_acc_p10") is not None for r in ev):
-            ax.fill_between(
-                rr,
-                [r["client_acc_p10"] for r in ev],
-                [r["client_acc_p90"] for r in ev],
-                alpha=0.2,
-                label="per-client test accuracy, p10-p90",
-            )
-            ax.plot(rr, [r["client_acc_mean"] for r in ev], "--", lw=1, label="per-client mean")
+            ax.fill_between(rr, [r["client_acc_p10"] for r in ev], [r["client_acc_p90"] for r in ev],
+                            alpha=0.2, label="global model on local tests, p10-p90")
+        if all(r.get("teacher_acc_mean") is not None for r in ev):
+            ax.plot(rr, [r["teacher_acc_mean"] for r in ev], "s--", ms=3, label="private teachers, local tests (mean)")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     tr = [r for r in rows if r.get("train_loss") is not None]
+    handles, labels = ax.get_legend_handles_labels()
     if tr:
         ax2 = ax.twinx()
-        ax2.plot([r["round"] for r in tr], [r["train_loss"] for r in tr], color="gray", lw=0.8, alpha=0.6, label="train loss")
+        ax2.plot([r["round"] for r in tr], [r["train_loss"] for r in tr], color="gray", lw=0.8, alpha=0.5, label="train loss")
         ax2.set_ylabel("train loss")
-        h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="center right", fontsize=8)
     ax.set_title(title)
+    if rows and rows[0].get("cum_bytes_up") is not None:
+        rr = [r["round"] for r in rows]
+        axb.plot(rr, [r["cum_bytes_up"] / 1e6 for r in rows], label="uploaded")
+        axb.plot(rr, [r["cum_bytes_down"] / 1e6 for r in rows], label="downloaded")
+        axb.set_xlabel("round")
+        axb.set_ylabel("cumulative MB")
+        axb.grid(alpha=0.3)
+        axb.legend(fontsize=8)
+        axb.set_title("communication")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
