@@ -46,18 +46,29 @@ def energy_threshold(round_index: jax.Array, rounds: int, start: float, end: flo
 
 
 def svd_leaf(x: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Low-rank reconstruction of a 2-D ``x`` keeping ``threshold`` of its energy; bytes sent."""
+    """Low-rank reconstruction of a 2-D ``x`` keeping ``threshold`` of its energy; bytes sent.
+
+    The singular subspace comes from ``eigh`` of the smaller Gram matrix
+    (``x^T x`` or ``x x^T``): the squared singular values are its eigenvalues,
+    and the rank-k reconstruction ``U_k S_k V_k^T`` equals the projection
+    ``x V_k V_k^T`` (or ``U_k U_k^T x``). On CPU this is far cheaper than a
+    full SVD of a tall matrix, and the discarded directions are exactly the
+    ones whose precision a Gram matrix loses.
+    """
     m, n = x.shape
-    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
-    energy = jnp.cumsum(s**2)
+    tall = m >= n
+    gram = x.T @ x if tall else x @ x.T
+    evals, vecs = jnp.linalg.eigh(gram)  # ascending
+    evals, vecs = jnp.maximum(evals[::-1], 0.0), vecs[:, ::-1]
+    r = evals.shape[0]
+    energy = jnp.cumsum(evals)
     total = energy[-1]
-    # smallest k with energy[k-1] >= threshold * total (k = full rank if none earlier)
-    k = jnp.sum(energy < threshold * total * (1 - 1e-6)) + 1
-    k = jnp.minimum(k, s.shape[0])
+    # smallest k with energy[k-1] >= threshold * total (full rank if none earlier)
+    k = jnp.minimum(jnp.sum(energy < threshold * total * (1 - 1e-6)) + 1, r)
     low_rank_floats = k * (m + n + 1)
-    dense = (low_rank_floats >= m * n) | (k >= s.shape[0]) | (total == 0)
-    keep = (jnp.arange(s.shape[0]) < k).astype(x.dtype)
-    approx = (u * (s * keep)) @ vt
+    dense = (low_rank_floats >= m * n) | (k >= r) | (total == 0)
+    basis = vecs * (jnp.arange(r) < k).astype(x.dtype)
+    approx = (x @ basis) @ basis.T if tall else basis @ (basis.T @ x)
     out = jnp.where(dense, x, approx)
     nbytes = 4 * jnp.where(dense, m * n, low_rank_floats)
     return out, nbytes.astype(jnp.float32)

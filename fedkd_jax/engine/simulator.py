@@ -32,6 +32,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedkd_jax._devices import limit_blas_threads
 from fedkd_jax.algorithms.base import ClientData, FederatedAlgorithm
 from fedkd_jax.compression import Compressor
 from fedkd_jax.data import FederatedData
@@ -113,6 +114,8 @@ class Simulator:
             raise ConfigError("run.group_size", f"must be a positive integer; got {group_size}")
         self.algorithm = algorithm
         self.mesh = mesh if mesh is not None else client_mesh()
+        if self.mesh.devices.size > 1 and jax.default_backend() == "cpu":
+            limit_blas_threads()
         self.num_clients = n
         self.cohort_size = cohort_size
         self.group_size = group_size
