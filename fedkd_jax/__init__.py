@@ -9,7 +9,7 @@ from fedkd_jax._devices import configure_cpu_devices
 
 configure_cpu_devices()
 
-from fedkd_jax import algorithms, data, engine, losses, models  # noqa: E402
+from fedkd_jax import algorithms, compression, data, engine, losses, models  # noqa: E402
 from fedkd_jax.algorithms import FederatedAlgorithm, fedavg  # noqa: E402
 from fedkd_jax.data import FederatedData, federate  # noqa: E402
 from fedkd_jax.engine import SimState, Simulator, client_mesh  # noqa: E402
@@ -29,6 +29,7 @@ __all__ = [
     "Simulator",
     "algorithms",
     "client_mesh",
+    "compression",
     "configure_cpu_devices",
     "data",
     "engine",

@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             f"per-client accuracy mean {f.get('client_acc_mean', float('nan')):.3f} "
             f"(p10 {f.get('client_acc_p10', float('nan')):.3f}, p90 {f.get('client_acc_p90', float('nan')):.3f})"
         )
+    if "teacher_acc_mean" in f:
+        print(f"private teachers on their local tests: mean {f['teacher_acc_mean']:.3f} "
+              f"(p10 {f['teacher_acc_p10']:.3f}, p90 {f['teacher_acc_p90']:.3f})")
+    if f.get("cum_bytes_up") is not None:
+        print(f"communication: {f['cum_bytes_up'] / 1e6:.2f} MB up, {f['cum_bytes_down'] / 1e6:.2f} MB down")
     print(f"outputs in {result.run_dir}: config.yaml, metrics.jsonl, metrics.csv, accuracy.png, checkpoints/")
     return 0
 

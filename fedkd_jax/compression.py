@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from fedkd_jax.errors import ConfigError
 
 COMPRESSIONS = ("none", "svd", "topk", "quant8")
+__all__ = ["COMPRESSIONS", "Compressor", "energy_threshold", "make_compressor", "quant8", "svd", "svd_leaf", "topk"]
 
 
 class Compressor(NamedTuple):

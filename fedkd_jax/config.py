@@ -29,7 +29,7 @@ class DataConfig:
     dataset: str = "digits"  # digits | mnist5k | synthetic | npz
     path: Optional[str] = None  # .npz file with x, y (and optional client) for dataset=npz
     partition: str = "dirichlet"  # iid | dirichlet | shards | quantity | natural
-    num_clients: int = 100
+    num_clients: int = 50
     alpha: float = 0.5  # Dirichlet concentration (dirichlet label skew, quantity skew)
     shards_per_client: int = 2  # shards partition: classes-ish per client
     examples_per_client: Optional[int] = None  # iid only: fixed size; resampled if N*size > pool
@@ -98,7 +98,7 @@ class CompressionConfig:
 
 @dataclass
 class RunConfig:
-    rounds: int = 1000
+    rounds: int = 500
     cohort_size: int = 10
     seed: int = 0
     eval_every: int = 10

@@ -146,5 +146,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
         ckpt.close()
     plot_accuracy(log.rows, os.path.join(out_dir, "accuracy.png"), title=f"{cfg.algorithm} on {cfg.data.dataset}")
     final = dict(last_eval)
-    final["train_loss"] = log.rows[-1].get("train_loss") if log.rows else None
+    if log.rows:
+        last = log.rows[-1]
+        final.update({k: last.get(k) for k in ("train_loss", "cum_bytes_up", "cum_bytes_down")})
     return RunResult(out_dir, done, final, time.perf_counter() - t_start, first_dispatch or 0.0)

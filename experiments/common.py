@@ -1,0 +1,123 @@
+"""Shared runner for the experiment scripts: a grid of configs, run in process.
+
+Each cell is one ``fedkd run`` (same config system, same outputs) written to
+``runs/experiments/<name>/<cell>/`` (git-ignored). The script then collects the
+final metrics into ``experiments/results/<name>/``: ``results.csv`` (one row
+per run), ``summary.md`` (mean ± std over seeds) and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke version (few rounds, one seed)")
+    ap.add_argument("--results", default=None, help="results folder (default experiments/results/<name>)")
+    return ap.parse_args(argv)
+
+
+def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, results_dir: str | None = None) -> list[dict]:
+    """Run every ``(labels, overrides)`` cell; return one row of labels + final metrics per run."""
+    import fedkd_jax  # noqa: F401  (sets the device count before JAX starts)
+    from fedkd_jax.config import load_config
+    from fedkd_jax.run import read_jsonl, run_experiment
+
+    out_root = os.path.join(ROOT, "runs", "experiments", name)
+    rows = []
+    cells = list(cells)
+    for i, (labels, overrides) in enumerate(cells):
+        cell = "-".join(f"{k}={v}" for k, v in labels.items())
+        out = os.path.join(out_root, cell)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        cfg = load_config(None, list(overrides) + ["run.progress=false", "run.keep_checkpoints=1", "run.checkpoint_every=100000"])
+        print(f"[{name} {i + 1}/{len(cells)}] {cell}", flush=True)
+        res = run_experiment(cfg, out, progress=False)
+        hist = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        last = hist[-1]
+        row = dict(labels)
+        row.update(
+            student_accuracy=last.get("test_accuracy"),
+            client_accuracy_mean=last.get("client_acc_mean"),
+            teacher_accuracy_mean=last.get("teacher_acc_mean"),
+            total_bytes_up=last["cum_bytes_up"],
+            total_bytes_down=last["cum_bytes_down"],
+            rounds=last["round"],
+            seconds=res.seconds,
+        )
+        rows.append(row)
+        print(f"    student acc {row['student_accuracy']:.4f}  teacher acc {row['teacher_accuracy_mean']}  "
+              f"up {row['total_bytes_up'] / 1e6:.2f} MB  {res.seconds:.1f} s", flush=True)
+    results = results_dir or os.path.join(HERE, "results", name)
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def summarize(rows: list[dict], group: list[str], metrics: list[str]) -> list[dict]:
+    """Mean and std over seeds of ``metrics`` for each distinct ``group`` key."""
+    keys: dict[tuple, list[dict]] = {}
+    for r in rows:
+        keys.setdefault(tuple(r[g] for g in group), []).append(r)
+    out = []
+    for k, rs in keys.items():
+        d = dict(zip(group, k))
+        d["runs"] = len(rs)
+        for m in metrics:
+            vals = [r[m] for r in rs if r.get(m) is not None]
+            d[m] = float(np.mean(vals)) if vals else None
+            d[m + "_std"] = float(np.std(vals)) if vals else None
+        out.append(d)
+    return out
+
+
+def fmt(v: Any, metric: str) -> str:
+    if v is None:
+        return "–"
+    if "bytes" in metric:
+        return f"{v / 1e6:.2f} MB"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def write_markdown(path: str, title: str, summary: list[dict], group: list[str], metrics: list[str], note: str = "") -> None:
+    lines = [f"# {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines.append("| " + " | ".join(group + metrics + ["runs"]) + " |")
+    lines.append("|" + "---|" * (len(group) + len(metrics) + 1))
+    for s in summary:
+        cells = [str(s[g]) for g in group]
+        for m in metrics:
+            v, sd = s[m], s[m + "_std"]
+            cells.append(fmt(v, m) if v is None or "bytes" in m else f"{v:.4f} ± {sd:.4f}")
+        cells.append(str(s["runs"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def seeds_of(args) -> list[int]:
+    return [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run one of the experiment scripts instead")

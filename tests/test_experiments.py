@@ -1,0 +1,19 @@
+"""The experiment scripts produce their CSV, markdown table and plots (smoke size)."""
+
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+
+import svd_energy  # noqa: E402
+
+
+def test_svd_energy_experiment_writes_results_and_compresses(tmp_path):
+    svd_energy.main(["--quick", "--results", str(tmp_path)])
+    with open(tmp_path / "results.csv") as f:
+        rows = {r["schedule"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"none", "0.95-0.98"}
+    assert float(rows["0.95-0.98"]["total_bytes_up"]) < float(rows["none"]["total_bytes_up"]) / 3
+    assert "| schedule |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 5_000
