@@ -1,4 +1,8 @@
-"""``fedkd`` command line: ``fedkd run [--config FILE] [--set k=v ...] [--out DIR]``."""
+"""``fedkd`` command line.
+
+    fedkd run [--config FILE] [--set section.key=value ...] [--out DIR]
+    fedkd resume RUN_DIR [--set run.rounds=N ...]
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one setting; repeatable, e.g. --set run.rounds=50")
     run.add_argument("--out", help="run directory (default: runs/<algorithm>-<dataset>-<time>)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    res = sub.add_parser("resume", help="continue a run from its newest checkpoint (same as `run --out RUN_DIR`)")
+    res.add_argument("run_dir", help="a run directory written by `fedkd run`")
+    res.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="change a setting that does not alter results, e.g. --set run.rounds=2000")
+    res.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
@@ -26,17 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     # the CPU device count, it does not start JAX.
     from fedkd_jax import configure_cpu_devices
     from fedkd_jax.config import load_config
-    from fedkd_jax.errors import FedKDError
+    from fedkd_jax.errors import ConfigError, FedKDError
     from fedkd_jax.run import run_experiment
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.command == "resume":
+            cfg_path = os.path.join(args.run_dir, "config.json")
+            if not os.path.exists(cfg_path):
+                raise ConfigError("run_dir", f"{args.run_dir!r} holds no config.json; it is not a fedkd run directory")
+            cfg = load_config(None, args.overrides, base=cfg_path)
+            out = args.run_dir
+        else:
+            cfg = load_config(args.config, args.overrides)
+            out = args.out or os.path.join("runs", f"{cfg.algorithm}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         configure_cpu_devices(cfg.run.devices)
-        out = args.out or os.path.join("runs", f"{cfg.algorithm}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = run_experiment(cfg, out, progress=not args.no_progress and cfg.run.progress)
     except FedKDError as e:
         print(f"fedkd: error: {e}", file=sys.stderr)
         return 2
+    for note in result.notes:
+        print(f"fedkd: warning: {note}", file=sys.stderr)
+    if result.resumed_from is not None:
+        print(f"resumed from the checkpoint of round {result.resumed_from}")
+    if result.interrupted:
+        print(f"stopped by signal after round {result.rounds}; checkpoint saved. "
+              f"Resume with: fedkd resume {result.run_dir}")
+        return 0
     f = result.final
     print(f"finished {result.rounds} rounds in {result.seconds:.1f} s (first dispatch incl. compile {result.first_dispatch_seconds:.1f} s)")
     if "test_accuracy" in f:

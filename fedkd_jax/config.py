@@ -145,14 +145,17 @@ def _key_error(e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, msg)
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then a YAML file, then ``section.key=value`` overrides; validated.
+def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base: str | None = None) -> Config:
+    """Defaults (or a saved run's ``config.json`` as ``base``), then a YAML file, then
+    ``section.key=value`` overrides; validated.
 
     Raises:
       ConfigError: unknown key, wrong type or value out of range.
     """
     try:
         cfg = OmegaConf.structured(Config)
+        if base:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(base))
         if path:
             try:
                 loaded = OmegaConf.load(path)

@@ -140,5 +140,5 @@ def test_existing_run_is_never_overwritten(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"round": 1}\n')
     p = _cli("run", "--out", str(out), "--set", "run.rounds=1", cwd=tmp_path)
-    assert p.returncode == 2 and "already holds a run" in p.stderr
+    assert p.returncode == 2 and "cannot be resumed" in p.stderr
     assert (out / "metrics.jsonl").read_text() == '{"round": 1}\n'

@@ -1,11 +1,25 @@
-"""The run loop: rounds in compiled chunks, evaluation, logs, checkpoints, plot."""
+"""The run loop: rounds in compiled chunks, evaluation, logs, checkpoints, resume, plot.
+
+A run directory holds ``config.json`` (the resolved config), the logs and
+``checkpoints/``. Running into a directory that already holds a run resumes
+it from its newest verified checkpoint, provided the settings that change
+results are the same (see :mod:`fedkd_jax.run.resume`). Every random choice
+derives from (seed, round, client) and the chunk boundaries are fixed multiples
+of the cadences, so a resumed run reproduces the uninterrupted one bit for bit
+on the same machine and device count.
+
+SIGTERM or SIGINT stops the run after the current chunk of rounds; the
+loop then writes a checkpoint, waits for it and returns ``interrupted=True``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -14,10 +28,11 @@ from tqdm.auto import tqdm
 
 from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model
 from fedkd_jax.config import Config, to_dict, to_yaml, validate
-from fedkd_jax.engine import Simulator, client_mesh, make_evaluator, make_personal_evaluator, summarize_clients
 from fedkd_jax.errors import ConfigError
+from fedkd_jax.engine import Simulator, client_mesh, make_evaluator, make_personal_evaluator, summarize_clients
 from fedkd_jax.run.checkpoint import Checkpointer
 from fedkd_jax.run.outputs import MetricsLog, plot_accuracy
+from fedkd_jax.run.resume import check_compatible, complete_rows, saved_config
 
 
 @dataclass
@@ -27,18 +42,13 @@ class RunResult:
     final: dict[str, Any]
     seconds: float
     first_dispatch_seconds: float
+    resumed_from: int | None = None
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def _next_boundary(r: int, every: int) -> int:
     return (r // every + 1) * every
-
-
-def _check_out_dir(out_dir: str) -> None:
-    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        raise ConfigError(
-            "--out",
-            f"{out_dir!r} already holds a run (metrics.jsonl); choose another --out so its results are kept",
-        )
 
 
 def _evaluator(algorithm):
@@ -61,14 +71,44 @@ def _evaluator(algorithm):
     return evaluate
 
 
-def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -> RunResult:
-    """Run ``cfg`` and write its outputs into ``out_dir``.
+class _StopFlag:
+    """Turns SIGTERM / SIGINT into a flag checked between chunks (main thread only)."""
 
-    Everything that can be wrong with the input (config, data) raises before
-    anything is compiled and before ``out_dir`` is touched.
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C really stops
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -> RunResult:
+    """Run ``cfg`` into ``out_dir``, or resume the run already there.
+
+    Everything that can be wrong with the input (config, data, an incompatible
+    existing run) raises before anything is compiled and before ``out_dir``
+    is touched.
     """
     validate(cfg)
-    _check_out_dir(out_dir)
+    previous = saved_config(out_dir)
+    if previous is not None:
+        check_compatible(previous, cfg, out_dir)
+    elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        raise ConfigError("--out", f"{out_dir!r} holds metrics.jsonl but no config.json, so it cannot be resumed; "
+                                   "choose another --out so its files are kept")
     r = cfg.run
     data = build_data(cfg)
     model = build_model(cfg, data)
@@ -78,75 +118,92 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     evaluate = _evaluator(algorithm)
 
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
+    for name, text in (("config.yaml", to_yaml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
+        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
 
     dev_data = sim.put_data(data)
     state = sim.put_state(sim.init(r.seed))
-    log = MetricsLog(out_dir)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints)
+    log = MetricsLog(out_dir)
+    resumed_from = None
+    restored = ckpt.restore_latest(state) if previous is not None else None
+    if restored is not None:
+        state, resumed_from = restored
+    log.reset(complete_rows(out_dir, resumed_from or 0))
+    done = resumed_from or 0
+    last = log.rows[-1] if log.rows else {}
+    cum_up, cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
+    wall0 = float(last.get("wall_time", 0.0))
+    last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
+
     bytes_up, bytes_down = sim.round_bytes()
     show = r.progress if progress is None else progress
-    bar = tqdm(total=r.rounds, unit="round", disable=not show, dynamic_ncols=True, desc=f"{cfg.algorithm}/{cfg.data.dataset}")
+    bar = tqdm(total=r.rounds, initial=min(done, r.rounds), unit="round", disable=not show, dynamic_ncols=True,
+               desc=f"{cfg.algorithm}/{cfg.data.dataset}")
     t_start = time.perf_counter()
     first_dispatch = None
-    done = 0
-    cum_up = cum_down = 0
-    last_eval: dict[str, Any] = {}
+    interrupted = False
     try:
-        while done < r.rounds:
-            n = min(
-                r.rounds_per_dispatch,
-                r.rounds - done,
-                _next_boundary(done, r.eval_every) - done,
-                _next_boundary(done, r.checkpoint_every) - done,
-            )
-            t0 = time.perf_counter()
-            if n == 1:
-                state, m = sim.step(state, dev_data)
-                m = {k: np.asarray(v)[None] for k, v in jax.device_get(m).items()}
-            else:
-                state, m = sim.run(state, dev_data, n)
-                m = jax.device_get(m)
-            dt = time.perf_counter() - t0
-            if first_dispatch is None:
-                first_dispatch = dt
-            rows = []
-            for i in range(n):
-                row = {"round": done + i + 1}
-                row.update({k: float(v[i]) for k, v in m.items() if k not in ("weight_sum", "bytes_up")})
-                row["round_time"] = dt / n
-                row["bytes_up"] = int(round(float(m["bytes_up"][i]))) if "bytes_up" in m else bytes_up
-                row["bytes_down"] = bytes_down
-                cum_up += row["bytes_up"]
-                cum_down += bytes_down
-                row["cum_bytes_up"], row["cum_bytes_down"] = cum_up, cum_down
-                rows.append(row)
-            done += n
-            if done % r.eval_every == 0 or done == r.rounds:
-                last_eval = evaluate(state, dev_data)
-                rows[-1].update(last_eval)
-            wall = time.perf_counter() - t_start
-            for row in rows:
-                row["wall_time"] = wall
-            log.write(rows)
-            if done % r.checkpoint_every == 0 or done == r.rounds:
-                ckpt.save(done, state)
-            bar.update(n)
-            post = {"loss": f"{rows[-1].get('train_loss', float('nan')):.3f}"}
-            if "test_accuracy" in last_eval:
-                post["acc"] = f"{last_eval['test_accuracy']:.3f}"
-            if "teacher_acc_mean" in last_eval:
-                post["teacher"] = f"{last_eval['teacher_acc_mean']:.3f}"
-            bar.set_postfix(post)
+        with _StopFlag() as stop:
+            while done < r.rounds:
+                # Chunk boundaries are absolute multiples of every cadence, so a
+                # resumed run dispatches exactly the chunks the original would.
+                n = min(
+                    _next_boundary(done, r.rounds_per_dispatch),
+                    _next_boundary(done, r.eval_every),
+                    _next_boundary(done, r.checkpoint_every),
+                    r.rounds,
+                ) - done
+                t0 = time.perf_counter()
+                if n == 1:
+                    state, m = sim.step(state, dev_data)
+                    m = {k: np.asarray(v)[None] for k, v in jax.device_get(m).items()}
+                else:
+                    state, m = sim.run(state, dev_data, n)
+                    m = jax.device_get(m)
+                dt = time.perf_counter() - t0
+                first_dispatch = dt if first_dispatch is None else first_dispatch
+                rows = []
+                for i in range(n):
+                    row = {"round": done + i + 1}
+                    row.update({k: float(v[i]) for k, v in m.items() if k not in ("weight_sum", "bytes_up")})
+                    row["round_time"] = dt / n
+                    row["bytes_up"] = int(round(float(m["bytes_up"][i]))) if "bytes_up" in m else bytes_up
+                    row["bytes_down"] = bytes_down
+                    cum_up += row["bytes_up"]
+                    cum_down += bytes_down
+                    row["cum_bytes_up"], row["cum_bytes_down"] = cum_up, cum_down
+                    rows.append(row)
+                done += n
+                if done % r.eval_every == 0 or done == r.rounds:
+                    last_eval = evaluate(state, dev_data)
+                    rows[-1].update(last_eval)
+                wall = wall0 + time.perf_counter() - t_start
+                for row in rows:
+                    row["wall_time"] = wall
+                log.write(rows)  # rows reach disk before the checkpoint that covers them
+                stopping = stop.signal is not None
+                if done % r.checkpoint_every == 0 or done == r.rounds or stopping:
+                    ckpt.save(done, state)
+                bar.update(n)
+                post = {"loss": f"{rows[-1].get('train_loss', float('nan')):.3f}"}
+                if "test_accuracy" in last_eval:
+                    post["acc"] = f"{last_eval['test_accuracy']:.3f}"
+                if "teacher_acc_mean" in last_eval:
+                    post["teacher"] = f"{last_eval['teacher_acc_mean']:.3f}"
+                bar.set_postfix(post)
+                if stopping:
+                    interrupted = True
+                    break
     finally:
         bar.close()
         ckpt.close()
-    plot_accuracy(log.rows, os.path.join(out_dir, "accuracy.png"), title=f"{cfg.algorithm} on {cfg.data.dataset}")
+    if not interrupted:
+        plot_accuracy(log.rows, os.path.join(out_dir, "accuracy.png"), title=f"{cfg.algorithm} on {cfg.data.dataset}")
     final = dict(last_eval)
     if log.rows:
-        last = log.rows[-1]
-        final.update({k: last.get(k) for k in ("train_loss", "cum_bytes_up", "cum_bytes_down")})
-    return RunResult(out_dir, done, final, time.perf_counter() - t_start, first_dispatch or 0.0)
+        final.update({k: log.rows[-1].get(k) for k in ("train_loss", "cum_bytes_up", "cum_bytes_down")})
+    return RunResult(out_dir, done, final, time.perf_counter() - t_start, first_dispatch or 0.0,
+                     resumed_from=resumed_from, interrupted=interrupted, notes=list(ckpt.events))

@@ -47,6 +47,31 @@ class MetricsLog:
         self.columns: list[str] | None = None
         self.rows: list[dict[str, Any]] = []
 
+    def reset(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite both files to hold exactly ``rows``, each by an atomic replace.
+
+        ``metrics.jsonl`` is the source of truth: a resume rebuilds the CSV from it.
+        """
+        rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
+        self.rows = list(rows)
+        self.columns = None
+        if rows:
+            extra = sorted(k for k in rows[0] if k not in BASE_COLUMNS)
+            self.columns = BASE_COLUMNS + extra
+        with open(self.jsonl_path + ".tmp", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.jsonl_path + ".tmp", self.jsonl_path)
+        with open(self.csv_path + ".tmp", "w", newline="") as f:
+            if self.columns:
+                w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in self.columns})
+        os.replace(self.csv_path + ".tmp", self.csv_path)
+
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
         if not rows:
@@ -54,7 +79,7 @@ class MetricsLog:
         if self.columns is None:
             extra = sorted(k for k in rows[0] if k not in BASE_COLUMNS)
             self.columns = BASE_COLUMNS + extra
-            if not os.path.exists(self.csv_path):
+            if not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0:
                 with open(self.csv_path, "w", newline="") as f:
                     csv.writer(f).writerow(self.columns)
         with open(self.jsonl_path, "a") as f:
