@@ -36,7 +36,7 @@ def final_state(run_dir, step=None, devices=None):
     alg = build_algorithm(cfg, model, data)
     sim = fk.Simulator(alg, data, cohort_size=cfg.run.cohort_size, mesh=fk.client_mesh(devices or cfg.run.devices),
                        compressor=build_compressor(cfg))
-    ck = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    ck = Checkpointer(os.path.join(run_dir, "checkpoints"), num_clients=data.num_clients)
     like = sim.put_state(sim.init(cfg.run.seed))
     state = ck.restore(step if step is not None else ck.latest(), like)
     ck.close()
@@ -228,3 +228,57 @@ def test_sigterm_finishes_the_round_checkpoints_and_exits_zero(tmp_path, referen
     assert metric_rows(out) == metric_rows(reference_run)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["run"]["rounds"] == 40
+
+
+def test_client_store_is_saved_incrementally_and_verified(tmp_path):
+    cfg = load_config(None, BASE + ["algorithm=fedkd", "run.rounds=12"])
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    run_experiment(cfg, ref)
+    run_experiment(cfg, run)
+    store = os.path.join(run, "checkpoints-clients")
+    files = sorted(f for f in os.listdir(store) if f.endswith(".npy"))
+    # the initial store is a function of the seed: never written
+    assert files == ["segment-000000004.npy", "segment-000000008.npy", "segment-000000012.npy"]
+    # a segment holds exactly the clients sampled since the previous checkpoint
+    key = jax.random.key(cfg.run.seed)
+    sampled = {int(c) for r in range(4, 8)
+               for c in np.asarray(fk.engine.sample_cohort(fk.engine.round_key(key, r), cfg.data.num_clients, cfg.run.cohort_size))}
+    with open(os.path.join(store, "segment-000000008.npy"), "rb") as f:
+        assert set(np.load(f).tolist()) == sampled
+    assert len(sampled) < cfg.data.num_clients
+    # damage the newest segment: the checkpoint of round 12 is rejected, round 8 restored
+    path = os.path.join(store, "segment-000000012.npy")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 200)
+        b = f.read(1)
+        f.seek(size - 200)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.warns(UserWarning, match="round 12"):
+        res = run_experiment(cfg, run)
+    assert res.resumed_from == 8
+    assert_states_equal(final_state(ref), final_state(run))
+
+
+def test_client_store_chains_segments_and_compacts_into_a_base(tmp_path):
+    from fedkd_jax.run.client_store import ClientStoreCheckpointer
+
+    init = {"w": np.arange(10, dtype=np.float32).reshape(5, 2), "b": np.zeros(5, np.int32)}
+    cs = ClientStoreCheckpointer(str(tmp_path), 5, compact_factor=1.0)
+    cs.start_from_init()
+    stores, chains = [], []
+    cur = {k: v.copy() for k, v in init.items()}
+    for r, dirty in enumerate([[0, 1], [2, 3], [4, 0]], start=1):
+        for c in dirty:
+            cur["w"][c] += 100 * r
+            cur["b"][c] = r
+        stores.append({k: v.copy() for k, v in cur.items()})
+        chains.append(cs.save(r, jax.device_put(cur), np.array(dirty)))
+    cs.wait()
+    assert [e["kind"] for e in chains[1]] == ["init", "segment", "segment"]
+    assert [e["kind"] for e in chains[2]] == ["base"]  # 6 rows since the base > 1.0 x 5 clients
+    for chain, expect in zip(chains, stores):
+        got = ClientStoreCheckpointer(str(tmp_path), 5).load(chain, init)
+        for k in expect:
+            np.testing.assert_array_equal(got[k], expect[k])
+    cs.close()

@@ -261,6 +261,8 @@ class Simulator:
         metrics["weight_sum"] = w_sum
         if not self.static_upload:
             metrics["bytes_up"] = bytes_up
+        if self.algorithm.init_client is not None:
+            metrics["cohort"] = cohort  # whose persistent state changed (incremental checkpoints)
         return SimState(state.round + 1, server, clients, state.key), metrics
 
     def _rounds(self, state: SimState, data: FederatedData, num_rounds: int):

@@ -10,10 +10,15 @@
   never deleting it) with a report, and restores the newest good one.
 * Restores go through an abstract target carrying the *current* mesh's
   shardings: a checkpoint written on 4 devices restores on 2 or 1, and back.
+* The per-client population store (``SimState.clients``, e.g. FedKD's
+  private teachers) is not rewritten whole each time: orbax saves the rest of
+  the state, and :mod:`fedkd_jax.run.client_store` writes only the clients
+  changed since the previous checkpoint, chained to a periodic full base.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-FORMAT = 1
+from fedkd_jax.run.client_store import ClientStoreCheckpointer
+
+FORMAT = 2
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -67,13 +74,22 @@ def abstract_like(state: Any, sharding: jax.sharding.Sharding | None = None) -> 
 
 
 class Checkpointer:
-    """Asynchronous saves every few rounds, keeping the last ``keep``; verified restores."""
+    """Asynchronous saves every few rounds, keeping the last ``keep``; verified restores.
 
-    def __init__(self, directory: str, *, keep: int = 3):
+    Args:
+      directory: orbax's directory (``<run>/checkpoints``); the incremental
+        client store lives beside it in ``<run>/checkpoints-clients``.
+      keep: checkpoints retained.
+      num_clients: population size (needed when the state has a client store).
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, num_clients: int | None = None):
         self.directory = os.path.abspath(directory)
         self.keep = keep
         self.manager = self._manager()
         self.events: list[str] = []
+        self.store_dir = self.directory.rstrip(os.sep) + "-clients"
+        self.store = ClientStoreCheckpointer(self.store_dir, num_clients) if num_clients else None
 
     def _manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
@@ -82,12 +98,51 @@ class Checkpointer:
             item_names=("state", "integrity"),
         )
 
-    def save(self, round_index: int, state: Any) -> None:
-        record = {"format": FORMAT, "round": int(round_index), "checksums": checksums(state)}
+    @staticmethod
+    def _has_store(state: Any) -> bool:
+        return bool(jax.tree.leaves(state.clients))
+
+    def save(self, round_index: int, state: Any, dirty: np.ndarray | None = None) -> None:
+        """Save ``state`` at ``round_index``; ``dirty``: clients changed since the last save."""
+        chain = None
+        small = state
+        if self._has_store(state):
+            if self.store is None:
+                raise ValueError("this state has a client store: pass num_clients to Checkpointer")
+            chain = self.store.save(round_index, state.clients, dirty)
+            small = state.replace(clients=())
+            with open(os.path.join(self.store_dir, f"chain-{int(round_index):09d}.json.tmp"), "w") as f:
+                json.dump(chain, f)
+            os.replace(os.path.join(self.store_dir, f"chain-{int(round_index):09d}.json.tmp"),
+                       os.path.join(self.store_dir, f"chain-{int(round_index):09d}.json"))
+        record = {"format": FORMAT, "round": int(round_index), "checksums": checksums(small), "store_chain": chain}
         self.manager.save(
             int(round_index),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), integrity=ocp.args.JsonSave(record)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(small), integrity=ocp.args.JsonSave(record)),
         )
+        if chain is not None:
+            self._prune(set(self.steps()) | {int(round_index)})
+
+    def _prune(self, retained: set[int]) -> None:
+        keep = set()
+        for name in os.listdir(self.store_dir):
+            if name.startswith("chain-") and name.endswith(".json"):
+                r = int(name[6:15])
+                path = os.path.join(self.store_dir, name)
+                if r in retained:
+                    with open(path) as f:
+                        keep.update(e["file"] for e in json.load(f) if e["file"])
+                    keep.add(name)
+                elif r < min(retained):
+                    os.remove(path)
+                else:
+                    keep.add(name)  # a newer step still being committed
+        self.store.prune(keep)
+
+    def start_fresh(self) -> None:
+        """A new run: the client store's chain starts from the run's (unsaved) initial state."""
+        if self.store is not None:
+            self.store.start_from_init()
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -96,10 +151,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore(self, round_index: int, like: Any) -> Any:
-        """Restore one step into ``like``'s structure and shardings and verify it."""
+        """Restore one step into ``like``'s structure and shardings and verify it.
+
+        ``like`` should be the run's initial state (``sim.init(seed)`` placed on the
+        mesh): its client store is the base of the incremental store chain.
+        """
+        has_store = self._has_store(like)
+        small_like = like.replace(clients=()) if has_store else like
         r = self.manager.restore(
             int(round_index),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(like)), integrity=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(small_like)),
+                                    integrity=ocp.args.JsonRestore()),
         )
         record, state = r.integrity, r.state
         if record.get("round") != int(round_index):
@@ -108,6 +170,12 @@ class Checkpointer:
             raise ValueError(f"state holds round {int(np.asarray(state.round))}")
         if record.get("checksums") != checksums(state):
             raise ValueError("checksum mismatch (the files were altered after saving)")
+        if has_store:
+            if self.store is None:
+                raise ValueError("this state has a client store: pass num_clients to Checkpointer")
+            host = self.store.load(record.get("store_chain") or [], like.clients)
+            clients = jax.tree.map(lambda h, l: jax.device_put(h, l.sharding), host, like.clients)
+            state = state.replace(clients=clients)
         return state
 
     def restore_latest(self, like: Any) -> tuple[Any, int] | None:
@@ -136,7 +204,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        if self.store is not None:
+            self.store.wait()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+        if self.store is not None:
+            self.store.close()

@@ -125,12 +125,14 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
 
     dev_data = sim.put_data(data)
     state = sim.put_state(sim.init(r.seed))
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, num_clients=data.num_clients)
     log = MetricsLog(out_dir)
     resumed_from = None
     restored = ckpt.restore_latest(state) if previous is not None else None
     if restored is not None:
         state, resumed_from = restored
+    else:
+        ckpt.start_fresh()
     log.reset(complete_rows(out_dir, resumed_from or 0))
     done = resumed_from or 0
     last = log.rows[-1] if log.rows else {}
@@ -145,6 +147,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     t_start = time.perf_counter()
     first_dispatch = None
     interrupted = False
+    dirty: list[np.ndarray] = []  # cohorts since the last checkpoint: whose stored state changed
     try:
         with _StopFlag() as stop:
             while done < r.rounds:
@@ -165,6 +168,8 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                     m = jax.device_get(m)
                 dt = time.perf_counter() - t0
                 first_dispatch = dt if first_dispatch is None else first_dispatch
+                if "cohort" in m:
+                    dirty.append(np.asarray(m.pop("cohort")).reshape(-1))
                 rows = []
                 for i in range(n):
                     row = {"round": done + i + 1}
@@ -186,7 +191,8 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                 log.write(rows)  # rows reach disk before the checkpoint that covers them
                 stopping = stop.signal is not None
                 if done % r.checkpoint_every == 0 or done == r.rounds or stopping:
-                    ckpt.save(done, state)
+                    ckpt.save(done, state, np.unique(np.concatenate(dirty)) if dirty else None)
+                    dirty = []
                 bar.update(n)
                 post = {"loss": f"{rows[-1].get('train_loss', float('nan')):.3f}"}
                 if "test_accuracy" in last_eval:

@@ -1,0 +1,155 @@
+"""Incremental checkpoints of the per-client population store.
+
+A FedKD population of 1,000 clients carries about 880 MB of private
+teachers, but a round changes only its cohort's entries. And the store's
+starting point is a pure function of the seed (every client's state is
+initialised from ``(seed, client)``), so it is never written: a chain starts
+from the virtual base ``init``, which a restore rebuilds from the run's
+initial state. Rewriting the whole
+store every few rounds would dominate the run: about 6.5 s per save against
+0.6 s for 10 rounds on W2-sized models. Instead each checkpoint writes a
+*segment* holding only the rows changed since the previous checkpoint, and
+once the segments add up to ``compact_factor`` times the store, a full
+*base* is written.
+
+To restore round ``r``, its base is loaded and its segments are applied in
+order. The checkpoint's integrity record (see
+:mod:`fedkd_jax.run.checkpoint`) lists that chain. A missing, torn or altered
+file makes the checkpoint invalid, and the restore falls back to an older one.
+
+Files are written by a background thread: to ``*.tmp`` first, then renamed
+into place, so a crash leaves either the whole file or none of it. A file
+holds ``np.save`` records, one after another: the ids, one array per leaf of
+the store (``[n, ...]`` rows), and last the CRC-32 of each of those, checked
+on every load.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@jax.jit
+def _gather(store: Any, ids: jax.Array) -> Any:
+    return jax.tree.map(lambda a: a[ids], store)
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
+
+
+class ClientStoreCheckpointer:
+    """Writes store bases and segments under ``directory``; rebuilds a store from a chain."""
+
+    def __init__(self, directory: str, num_clients: int, *, compact_factor: float = 4.0):
+        self.directory = directory
+        self.num_clients = num_clients
+        self.compact_factor = compact_factor
+        self.chain: list[dict[str, Any]] = []  # entries since (and including) the current base
+        self._rows_since_base = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkd-store")
+        self._pending: list[Future] = []
+        os.makedirs(directory, exist_ok=True)
+
+    # ---------------------------------------------------------------- save
+    def start_from_init(self) -> None:
+        """Begin a fresh run: the chain's base is the (unsaved) initial store."""
+        self.chain = [{"kind": "init", "round": 0, "file": None, "rows": self.num_clients}]
+        self._rows_since_base = 0
+
+    def save(self, round_index: int, store: Any, dirty: np.ndarray | None) -> list[dict[str, Any]]:
+        """Queue this round's entry; return the chain a checkpoint of this round needs.
+
+        ``dirty``: ids of clients whose state changed since the previous save
+        (``None``: unknown, write a base).
+        """
+        full = dirty is None or not self.chain or (
+            self._rows_since_base + len(dirty) > self.compact_factor * self.num_clients)
+        ids = np.arange(self.num_clients) if full else np.unique(np.asarray(dirty, np.int64))
+        rows = jax.device_get(_gather(store, ids.astype(np.int32))) if len(ids) < self.num_clients else jax.device_get(store)
+        leaves = jax.tree.leaves(rows)
+        kind = "base" if full else "segment"
+        name = f"{kind}-{int(round_index):09d}.npy"
+        entry = {"kind": kind, "round": int(round_index), "file": name, "rows": int(len(ids))}
+        self.chain = [entry] if full else self.chain + [entry]
+        self._rows_since_base = self.num_clients if full else self._rows_since_base + len(ids)
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._pool.submit(self._write, name, ids, leaves))
+        return [dict(e) for e in self.chain]
+
+    def _write(self, name: str, ids: np.ndarray, leaves: list[np.ndarray]) -> None:
+        path = os.path.join(self.directory, name)
+        crcs = np.array([_crc(ids)] + [_crc(a) for a in leaves], np.uint32)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, ids, allow_pickle=False)
+            for a in leaves:
+                np.save(f, np.ascontiguousarray(a), allow_pickle=False)
+            np.save(f, crcs, allow_pickle=False)
+        os.replace(path + ".tmp", path)
+
+    def wait(self) -> None:
+        for fut in self._pending:
+            fut.result()
+        self._pending = []
+
+    # -------------------------------------------------------------- restore
+    def load(self, chain: list[dict[str, Any]], like: Any) -> Any:
+        """Rebuild the store (host numpy, ``like``'s structure) from ``chain``, verifying CRCs.
+
+        ``like`` must hold the run's *initial* store when the chain starts at ``init``.
+        """
+        if not chain or chain[0]["kind"] not in ("base", "init"):
+            raise ValueError("client-store chain does not start with a base")
+        leaves_like, treedef = jax.tree.flatten(like)
+        out: list[np.ndarray] | None = None
+        if chain[0]["kind"] == "init":
+            out = [np.array(a) for a in jax.device_get(leaves_like)]
+            chain_files = chain[1:]
+        else:
+            chain_files = chain
+        for entry in chain_files:
+            path = os.path.join(self.directory, entry["file"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"client-store file {entry['file']} is missing")
+            with open(path, "rb") as f:
+                ids = np.load(f, allow_pickle=False)
+                arrays = [np.load(f, allow_pickle=False) for _ in leaves_like]
+                stored = np.load(f, allow_pickle=False)
+            crcs = np.array([_crc(ids)] + [_crc(a) for a in arrays], np.uint32)
+            if not np.array_equal(crcs, stored) or len(ids) != entry["rows"]:
+                raise ValueError(f"client-store file {entry['file']} fails its checksum")
+            if out is None:
+                if len(ids) != self.num_clients:
+                    raise ValueError(f"base {entry['file']} holds {len(ids)} of {self.num_clients} clients")
+                out = arrays
+            else:
+                for a, b in zip(out, arrays):
+                    a[ids] = b
+        for a, l in zip(out, leaves_like):
+            if a.shape != tuple(l.shape) or a.dtype != l.dtype:
+                raise ValueError(f"client-store array {a.shape} {a.dtype} does not match {l.shape} {l.dtype}")
+        self.chain = [dict(e) for e in chain]
+        self._rows_since_base = sum(e["rows"] for e in chain if e["kind"] == "segment")
+        return jax.tree.unflatten(treedef, out)
+
+    def prune(self, keep_files: set[str]) -> None:
+        """Delete store files no retained checkpoint needs (queued after pending writes)."""
+        self._pending.append(self._pool.submit(self._prune, set(keep_files) | {e["file"] for e in self.chain if e["file"]}))
+
+    def _prune(self, keep: set[str]) -> None:
+        for name in os.listdir(self.directory):
+            if name.endswith(".npy") and name not in keep or name.endswith(".tmp"):
+                try:
+                    os.remove(os.path.join(self.directory, name))
+                except FileNotFoundError:
+                    pass
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown(wait=True)
