@@ -90,6 +90,7 @@ class Checkpointer:
         self.events: list[str] = []
         self.store_dir = self.directory.rstrip(os.sep) + "-clients"
         self.store = ClientStoreCheckpointer(self.store_dir, num_clients) if num_clients else None
+        self.blocking_seconds = 0.0  # time save() held up the caller
 
     def _manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
@@ -104,6 +105,7 @@ class Checkpointer:
 
     def save(self, round_index: int, state: Any, dirty: np.ndarray | None = None) -> None:
         """Save ``state`` at ``round_index``; ``dirty``: clients changed since the last save."""
+        t0 = time.perf_counter()
         chain = None
         small = state
         if self._has_store(state):
@@ -122,6 +124,7 @@ class Checkpointer:
         )
         if chain is not None:
             self._prune(set(self.steps()) | {int(round_index)})
+        self.blocking_seconds += time.perf_counter() - t0
 
     def _prune(self, retained: set[int]) -> None:
         keep = set()

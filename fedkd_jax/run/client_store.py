@@ -27,6 +27,8 @@ on every load.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -35,9 +37,24 @@ import jax
 import numpy as np
 
 
-@jax.jit
-def _gather(store: Any, ids: jax.Array) -> Any:
-    return jax.tree.map(lambda a: a[ids], store)
+def _host_view(leaf: jax.Array) -> np.ndarray:
+    """A host view of one copy of a (replicated) store leaf; zero-copy on CPU.
+
+    The view keeps the device buffer alive, and states are never donated, so
+    the background writer can read it while later rounds run.
+    """
+    shards = getattr(leaf, "addressable_shards", None)
+    if shards and leaf.is_fully_replicated:
+        return np.asarray(shards[0].data)
+    return np.asarray(jax.device_get(leaf))
+
+
+def _lower_priority() -> None:
+    """Let training threads win the cores: the writer only needs idle time."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        pass
 
 
 def _crc(a: np.ndarray) -> int:
@@ -53,8 +70,9 @@ class ClientStoreCheckpointer:
         self.compact_factor = compact_factor
         self.chain: list[dict[str, Any]] = []  # entries since (and including) the current base
         self._rows_since_base = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkd-store")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkd-store", initializer=_lower_priority)
         self._pending: list[Future] = []
+        self.writer_cpu_seconds = 0.0  # CPU time the background writer has spent
         os.makedirs(directory, exist_ok=True)
 
     # ---------------------------------------------------------------- save
@@ -72,18 +90,19 @@ class ClientStoreCheckpointer:
         full = dirty is None or not self.chain or (
             self._rows_since_base + len(dirty) > self.compact_factor * self.num_clients)
         ids = np.arange(self.num_clients) if full else np.unique(np.asarray(dirty, np.int64))
-        rows = jax.device_get(_gather(store, ids.astype(np.int32))) if len(ids) < self.num_clients else jax.device_get(store)
-        leaves = jax.tree.leaves(rows)
+        views = [_host_view(leaf) for leaf in jax.tree.leaves(store)]
         kind = "base" if full else "segment"
         name = f"{kind}-{int(round_index):09d}.npy"
         entry = {"kind": kind, "round": int(round_index), "file": name, "rows": int(len(ids))}
         self.chain = [entry] if full else self.chain + [entry]
         self._rows_since_base = self.num_clients if full else self._rows_since_base + len(ids)
         self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._pool.submit(self._write, name, ids, leaves))
+        self._pending.append(self._pool.submit(self._write, name, ids, views, full))
         return [dict(e) for e in self.chain]
 
-    def _write(self, name: str, ids: np.ndarray, leaves: list[np.ndarray]) -> None:
+    def _write(self, name: str, ids: np.ndarray, views: list[np.ndarray], full: bool) -> None:
+        t0 = time.thread_time()
+        leaves = views if full else [v[ids] for v in views]
         path = os.path.join(self.directory, name)
         crcs = np.array([_crc(ids)] + [_crc(a) for a in leaves], np.uint32)
         with open(path + ".tmp", "wb") as f:
@@ -92,6 +111,7 @@ class ClientStoreCheckpointer:
                 np.save(f, np.ascontiguousarray(a), allow_pickle=False)
             np.save(f, crcs, allow_pickle=False)
         os.replace(path + ".tmp", path)
+        self.writer_cpu_seconds += time.thread_time() - t0
 
     def wait(self) -> None:
         for fut in self._pending:
