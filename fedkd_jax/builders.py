@@ -79,5 +79,5 @@ def build_algorithm(cfg: Config, model: Model, data: FederatedData) -> alg_lib.F
 
 def build_compressor(cfg: Config) -> Compressor | None:
     z = cfg.compression
-    return make_compressor(compression_method(cfg), rounds=cfg.run.rounds, energy_start=z.energy_start,
+    return make_compressor(compression_method(cfg), rounds=z.schedule_rounds or cfg.run.rounds, energy_start=z.energy_start,
                            energy_end=z.energy_end, topk_fraction=z.topk_fraction)

@@ -94,6 +94,7 @@ class CompressionConfig:
     energy_start: float = 0.95  # svd: energy kept at round 0 ...
     energy_end: float = 0.98  # ... rising linearly to this at the last round
     topk_fraction: float = 0.1  # topk: share of entries kept per tensor
+    schedule_rounds: Optional[int] = None  # svd schedule horizon (default: run.rounds when the run starts)
 
 
 @dataclass
@@ -268,6 +269,7 @@ def validate(cfg: Config) -> None:
 
     z = cfg.compression
     _choice("compression.method", z.method, ("auto",) + COMPRESSIONS)
+    _positive("compression.schedule_rounds", z.schedule_rounds, integer=True, allow_none=True)
     for name in ("energy_start", "energy_end", "topk_fraction"):
         v = getattr(z, name)
         if not 0 < v <= 1:

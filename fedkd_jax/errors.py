@@ -23,3 +23,7 @@ class ConfigError(FedKDError):
 
 class DataError(FedKDError):
     """The data cannot be federated as requested (NaN, bad labels, empty clients...)."""
+
+
+class CheckpointError(FedKDError):
+    """Saved checkpoints cannot be used (all damaged, or they no longer match the code)."""

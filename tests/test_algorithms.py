@@ -147,3 +147,24 @@ def test_bad_hyperparameters_fail_before_compiling(fd):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["algorithm=feddf"])
     assert e.value.field == "data.proxy_fraction"
+
+
+def test_aux_is_derived_from_the_update_the_server_receives(fd):
+    # aux_from_update sees the decompressed update: with aux = update, the averaged
+    # aux must equal the averaged (compressed) update exactly.
+    base = build("fedavg", fd)
+
+    def server_update(state, mean_update, mean_aux, key):
+        pairs = zip(jax.tree.leaves(mean_update), jax.tree.leaves(mean_aux))
+        gap = jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)) for a, b in pairs]))
+        norm = sum(jnp.sum(u**2) for u in jax.tree.leaves(mean_aux))
+        new, _ = base.server_update(state, mean_update, (), key)
+        return new, {"gap": gap, "norm": norm}
+
+    alg = base._replace(aux_from_update=lambda bcast, update: update, server_update=server_update)
+    compressed = fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(2), compressor=fk.compression.topk(0.05))
+    full = fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(2))
+    _, m = compressed.step(compressed.init(0), compressed.put_data(fd))
+    _, m_full = full.step(full.init(0), full.put_data(fd))
+    assert float(m["server_gap"]) == 0.0
+    assert float(m["server_norm"]) < float(m_full["server_norm"])  # only 5% of entries survive top-k

@@ -33,9 +33,10 @@ def test_svd_keeps_the_smallest_rank_meeting_the_energy_and_counts_its_bytes():
 
 
 def test_svd_threshold_schedule():
-    assert float(energy_threshold(0, 20, 0.95, 0.98)) == np.float32(0.95)
-    np.testing.assert_allclose(float(energy_threshold(10, 20, 0.95, 0.98)), 0.965, rtol=1e-6)
-    np.testing.assert_allclose(float(energy_threshold(20, 20, 0.95, 0.98)), 0.98, rtol=1e-6)
+    assert float(energy_threshold(0, 21, 0.95, 0.98)) == np.float32(0.95)  # first round
+    np.testing.assert_allclose(float(energy_threshold(10, 21, 0.95, 0.98)), 0.965, rtol=1e-6)
+    np.testing.assert_allclose(float(energy_threshold(20, 21, 0.95, 0.98)), 0.98, rtol=1e-6)  # last round
+    np.testing.assert_allclose(float(energy_threshold(30, 21, 0.95, 0.98)), 0.98, rtol=1e-6)  # clipped after
 
 
 def test_topk_keeps_the_largest_entries():

@@ -77,6 +77,9 @@ class FederatedAlgorithm(NamedTuple):
       personal_model: model of per-client personalised parameters (e.g. FedKD's
         private teachers), evaluated on each client's local test split.
       personal_params: ``ClientState -> Params`` of that model.
+      aux_from_update: ``(Broadcast, update) -> aux``, called by the engine on
+        the update *as the server receives it* (after compression). Use it for
+        values the server derives from uploads, e.g. FedDF's ensemble logits.
     """
 
     name: str
@@ -90,3 +93,4 @@ class FederatedAlgorithm(NamedTuple):
     download_bytes: int | None = None
     personal_model: Model | None = None
     personal_params: Callable[[ClientState], Params] | None = None
+    aux_from_update: Callable[[Broadcast, Any], Any] | None = None

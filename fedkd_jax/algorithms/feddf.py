@@ -9,10 +9,10 @@ cohort's ensemble into that average on an unlabeled proxy set: the target is
 the mean of the cohort models' logits (weighted like the average, by example
 count). This runs for ``distill_steps`` Adam steps on random proxy batches at
 temperature ``T``, with a fresh Adam state each round, inside the same
-compiled round. In the simulation each client evaluates its trained model on
-the proxy set and the engine averages those logits (``ClientOutput.aux``).
-A real server would compute them itself from the uploaded models, so they
-are not counted as uploaded bytes.
+compiled round. The engine evaluates each client's model *as the server
+receives it* (global + decompressed delta) on the proxy set and averages
+those logits (``aux_from_update``), as a real server would from the uploads.
+They add no uploaded bytes.
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ def feddf(
         return FedDFState(s.params, s.opt_state, proxy)
 
     def client_update(bcast, cs, data: ClientData, key: jax.Array) -> ClientOutput:
+        return base.client_update(bcast[0], cs, data, key)
+
+    def aux_from_update(bcast, delta):
+        # the server's view of this client's model: global + (decompressed) delta
         params, proxy_rows = bcast
-        out = base.client_update(params, cs, data, key)
-        trained = jax.tree.map(jnp.add, params, out.update)
-        return out._replace(aux=proxy_logits(model.apply, trained, proxy_rows))
+        return proxy_logits(model.apply, jax.tree.map(jnp.add, params, delta), proxy_rows)
 
     def server_update(state: FedDFState, mean_delta, mean_logits, key: jax.Array):
         avg, _ = base.server_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
@@ -93,4 +95,5 @@ def feddf(
         server_update=server_update,
         model_params=lambda state: state.params,
         download_bytes=tree_bytes(jax.eval_shape(model.init, jax.random.key(0))),
+        aux_from_update=aux_from_update,
     )

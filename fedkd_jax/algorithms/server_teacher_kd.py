@@ -22,8 +22,8 @@ Each round:
    accumulates the ensembles of all cohorts and hands that knowledge back to
    the next cohort's students through step 2.
 
-The proxy logits are computed client-side in the simulation (``aux``); a
-real server computes them from the uploaded students, so they add no bytes.
+The proxy logits come from each student as the server receives it (global
+plus decompressed delta, ``aux_from_update``), so they add no uploaded bytes.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def server_teacher_kd(
         return ServerTeacherState(s, server_optimizer.init(s), t, teacher_opt.init(t), proxy)
 
     def client_update(bcast, cs, data: ClientData, key: jax.Array) -> ClientOutput:
-        params, t_params, proxy_rows = bcast
+        params, t_params, _ = bcast
 
         def loss_fn(p, x, y, where):
             s_logits, _ = student.apply(p, x)
@@ -100,8 +100,12 @@ def server_teacher_kd(
             batch_size=batch_size, epochs=local_epochs, steps=local_steps,
         )
         delta = jax.tree.map(lambda a, b: a - b, new, params)
-        return ClientOutput(delta, data.count.astype(jnp.float32), cs, metrics,
-                            aux=proxy_logits(student.apply, new, proxy_rows))
+        return ClientOutput(delta, data.count.astype(jnp.float32), cs, metrics)
+
+    def aux_from_update(bcast, delta):
+        # the server's view of this client's student: global + (decompressed) delta
+        params, _, proxy_rows = bcast
+        return proxy_logits(student.apply, jax.tree.map(jnp.add, params, delta), proxy_rows)
 
     def server_update(state: ServerTeacherState, mean_delta, mean_logits, key: jax.Array):
         s, _ = student_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
@@ -124,4 +128,5 @@ def server_teacher_kd(
         server_update=server_update,
         model_params=lambda state: state.params,
         download_bytes=down,
+        aux_from_update=aux_from_update,
     )

@@ -198,6 +198,8 @@ class Simulator:
                 update, payload = self.compressor.compress(out.update, jax.random.fold_in(ckey, _COMPRESS), round_index)
                 out = out._replace(update=update)
                 nbytes = payload if nbytes is None else nbytes
+            if alg.aux_from_update is not None:
+                out = out._replace(aux=alg.aux_from_update(bcast, out.update))
             if nbytes is None:
                 nbytes = jnp.float32(self.bytes_up_per_client)
             okf = ok.astype(jnp.float32)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedkd_jax.run.client_store import ClientStoreCheckpointer
+from fedkd_jax.run.client_store import ClientStoreCheckpointer, IntegrityError
 
 FORMAT = 2
 
@@ -104,42 +104,55 @@ class Checkpointer:
         return bool(jax.tree.leaves(state.clients))
 
     def save(self, round_index: int, state: Any, dirty: np.ndarray | None = None) -> None:
-        """Save ``state`` at ``round_index``; ``dirty``: clients changed since the last save."""
+        """Save ``state`` at ``round_index``; ``dirty``: clients changed since the last save.
+
+        Without a client store this is one asynchronous orbax save. With one,
+        the caller only takes zero-copy views; the writer thread then writes the
+        store segment, *then* commits the orbax step (waiting for it) and only
+        then prunes store files, so a checkpoint never names a missing file and
+        files are never pruned before a newer checkpoint is committed.
+        """
         t0 = time.perf_counter()
-        chain = None
-        small = state
-        if self._has_store(state):
+        r = int(round_index)
+        if not self._has_store(state):
+            record = {"format": FORMAT, "round": r, "checksums": checksums(state), "store_chain": None}
+            self._orbax_save(r, state, record)
+        else:
             if self.store is None:
                 raise ValueError("this state has a client store: pass num_clients to Checkpointer")
-            chain = self.store.save(round_index, state.clients, dirty)
             small = state.replace(clients=())
-            with open(os.path.join(self.store_dir, f"chain-{int(round_index):09d}.json.tmp"), "w") as f:
-                json.dump(chain, f)
-            os.replace(os.path.join(self.store_dir, f"chain-{int(round_index):09d}.json.tmp"),
-                       os.path.join(self.store_dir, f"chain-{int(round_index):09d}.json"))
-        record = {"format": FORMAT, "round": int(round_index), "checksums": checksums(small), "store_chain": chain}
-        self.manager.save(
-            int(round_index),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(small), integrity=ocp.args.JsonSave(record)),
-        )
-        if chain is not None:
-            self._prune(set(self.steps()) | {int(round_index)})
+            record = {"format": FORMAT, "round": r, "checksums": checksums(small)}
+
+            def commit(chain):
+                path = os.path.join(self.store_dir, f"chain-{r:09d}.json")
+                with open(path + ".tmp", "w") as f:
+                    json.dump(chain, f)
+                os.replace(path + ".tmp", path)
+                self._orbax_save(r, small, dict(record, store_chain=chain))
+                self.manager.wait_until_finished()
+                self._prune()
+
+            self.store.save(r, state.clients, dirty, then=commit)
         self.blocking_seconds += time.perf_counter() - t0
 
-    def _prune(self, retained: set[int]) -> None:
-        keep = set()
+    def _orbax_save(self, r: int, state: Any, record: dict) -> None:
+        self.manager.save(r, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     integrity=ocp.args.JsonSave(record)))
+
+    def _prune(self) -> None:
+        """Drop store files and chain records no committed checkpoint needs (writer thread)."""
+        retained = set(self.steps())
+        keep: set[str] = set()
         for name in os.listdir(self.store_dir):
-            if name.startswith("chain-") and name.endswith(".json"):
-                r = int(name[6:15])
-                path = os.path.join(self.store_dir, name)
-                if r in retained:
-                    with open(path) as f:
-                        keep.update(e["file"] for e in json.load(f) if e["file"])
-                    keep.add(name)
-                elif r < min(retained):
-                    os.remove(path)
-                else:
-                    keep.add(name)  # a newer step still being committed
+            if not (name.startswith("chain-") and name.endswith(".json")):
+                continue
+            r = int(name[6:15])
+            path = os.path.join(self.store_dir, name)
+            if r in retained:
+                with open(path) as f:
+                    keep.update(e["file"] for e in json.load(f) if e["file"])
+            elif retained and r < min(retained):
+                os.remove(path)
         self.store.prune(keep)
 
     def start_fresh(self) -> None:
@@ -158,21 +171,29 @@ class Checkpointer:
 
         ``like`` should be the run's initial state (``sim.init(seed)`` placed on the
         mesh): its client store is the base of the incremental store chain.
+
+        Raises:
+          IntegrityError: the step's files are missing, truncated or altered.
         """
         has_store = self._has_store(like)
         small_like = like.replace(clients=()) if has_store else like
-        r = self.manager.restore(
-            int(round_index),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(small_like)),
-                                    integrity=ocp.args.JsonRestore()),
-        )
+        try:
+            r = self.manager.restore(
+                int(round_index),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(small_like)),
+                                        integrity=ocp.args.JsonRestore()),
+            )
+        except Exception as e:  # noqa: BLE001 - classify below
+            if _looks_damaged(e):
+                raise IntegrityError(f"unreadable files ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+            raise
         record, state = r.integrity, r.state
-        if record.get("round") != int(round_index):
-            raise ValueError(f"integrity record names round {record.get('round')}")
+        if not isinstance(record, dict) or record.get("round") != int(round_index):
+            raise IntegrityError(f"integrity record does not name round {round_index}")
         if int(np.asarray(state.round)) != int(round_index):
-            raise ValueError(f"state holds round {int(np.asarray(state.round))}")
+            raise IntegrityError(f"state holds round {int(np.asarray(state.round))}")
         if record.get("checksums") != checksums(state):
-            raise ValueError("checksum mismatch (the files were altered after saving)")
+            raise IntegrityError("checksum mismatch (the files were altered after saving)")
         if has_store:
             if self.store is None:
                 raise ValueError("this state has a client store: pass num_clients to Checkpointer")
@@ -182,36 +203,76 @@ class Checkpointer:
         return state
 
     def restore_latest(self, like: Any) -> tuple[Any, int] | None:
-        """Newest verified checkpoint as ``(state, round)``; bad ones are moved aside and reported."""
-        for step in sorted(self.steps(), reverse=True):
+        """Newest verified checkpoint as ``(state, round)``, or ``None`` if there is none.
+
+        Damaged steps are moved aside (with the store files only they use) and
+        reported, and the previous one is tried. Any other failure (say, a state
+        structure that no longer matches after a library change) is raised
+        untouched, and so is the case where every existing step is damaged:
+        a run never silently restarts from round 0 over saved work.
+        """
+        steps = sorted(self.steps(), reverse=True)
+        for step in steps:
             try:
                 return self.restore(step, like), step
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+            except IntegrityError as e:
                 moved = self._quarantine(step)
-                msg = (f"checkpoint of round {step} is unreadable or corrupted ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:160]}); moved to {moved}, trying the previous one")
+                msg = (f"checkpoint of round {step} is unreadable or corrupted ({e}); "
+                       f"moved to {moved}, trying the previous one")
                 self.events.append(msg)
                 warnings.warn(msg, stacklevel=2)
+        if steps:
+            raise IntegrityError(
+                f"none of the {len(steps)} checkpoints in {self.directory} could be restored; they were moved to "
+                f"{self.directory}-corrupt/ and nothing else was changed"
+            )
         return None
 
     def _quarantine(self, step: int) -> str:
+        """Move a damaged step (and the store files no other step needs) aside; never delete."""
         self.manager.close()
-        src = os.path.join(self.directory, str(step))
         dst_root = self.directory.rstrip(os.sep) + "-corrupt"
-        os.makedirs(dst_root, exist_ok=True)
         dst = os.path.join(dst_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(dst, exist_ok=True)
+        src = os.path.join(self.directory, str(step))
         if os.path.exists(src):
-            shutil.move(src, dst)
+            shutil.move(src, os.path.join(dst, "state"))
+        chain_path = os.path.join(self.store_dir, f"chain-{step:09d}.json")
+        if os.path.exists(chain_path):
+            with open(chain_path) as f:
+                mine = {e["file"] for e in json.load(f) if e.get("file")}
+            others: set[str] = set()
+            for name in os.listdir(self.store_dir):
+                if name.startswith("chain-") and name.endswith(".json") and name != os.path.basename(chain_path):
+                    with open(os.path.join(self.store_dir, name)) as f:
+                        others.update(e["file"] for e in json.load(f) if e.get("file"))
+            os.makedirs(os.path.join(dst, "clients"), exist_ok=True)
+            for name in sorted(mine - others) + [os.path.basename(chain_path)]:
+                if os.path.exists(os.path.join(self.store_dir, name)):
+                    shutil.move(os.path.join(self.store_dir, name), os.path.join(dst, "clients", name))
         self.manager = self._manager()
         return dst
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until every queued save is written and committed."""
         if self.store is not None:
-            self.store.wait()
+            self.store.wait()  # its writer thread commits the orbax steps
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.wait()
         self.manager.close()
         if self.store is not None:
             self.store.close()
+
+
+_DAMAGE_HINTS = ("error while reading", "data_loss", "out_of_range", "corrupt", "truncat", "unexpected end",
+                 "checksum", "not found", "no such file", "expecting", "decode")
+
+
+def _looks_damaged(e: BaseException) -> bool:
+    """Whether an orbax restore failure comes from damaged files (vs. a code/config mismatch)."""
+    if isinstance(e, (IntegrityError, FileNotFoundError, EOFError, json.JSONDecodeError)):
+        return True
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(h in text for h in _DAMAGE_HINTS)

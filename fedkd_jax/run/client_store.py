@@ -31,10 +31,18 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
+
+
+class IntegrityError(ValueError):
+    """A checkpoint file is missing, truncated or fails its checksum."""
+
+
+class StoreWriteError(RuntimeError):
+    """A background write of the client store failed."""
 
 
 def _host_view(leaf: jax.Array) -> np.ndarray:
@@ -81,12 +89,22 @@ class ClientStoreCheckpointer:
         self.chain = [{"kind": "init", "round": 0, "file": None, "rows": self.num_clients}]
         self._rows_since_base = 0
 
-    def save(self, round_index: int, store: Any, dirty: np.ndarray | None) -> list[dict[str, Any]]:
+    def save(self, round_index: int, store: Any, dirty: np.ndarray | None,
+             then: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
         """Queue this round's entry; return the chain a checkpoint of this round needs.
 
         ``dirty``: ids of clients whose state changed since the previous save
-        (``None``: unknown, write a base).
+        (``None``: unknown, write a base). ``then(chain)`` runs on the writer
+        thread once the file is on disk (the caller commits its checkpoint there,
+        so no checkpoint ever names a store file that does not exist yet).
+
+        Raises:
+          StoreWriteError: an earlier background write failed (disk full, ...).
         """
+        self._check_failures()
+        while len(self._pending) > 1:  # bound the backlog (each entry pins a store's buffers)
+            self._pending[0].exception()  # waits
+            self._check_failures()
         full = dirty is None or not self.chain or (
             self._rows_since_base + len(dirty) > self.compact_factor * self.num_clients)
         ids = np.arange(self.num_clients) if full else np.unique(np.asarray(dirty, np.int64))
@@ -95,10 +113,22 @@ class ClientStoreCheckpointer:
         name = f"{kind}-{int(round_index):09d}.npy"
         entry = {"kind": kind, "round": int(round_index), "file": name, "rows": int(len(ids))}
         self.chain = [entry] if full else self.chain + [entry]
-        self._rows_since_base = self.num_clients if full else self._rows_since_base + len(ids)
-        self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._pool.submit(self._write, name, ids, views, full))
-        return [dict(e) for e in self.chain]
+        self._rows_since_base = 0 if full else self._rows_since_base + len(ids)
+        chain = [dict(e) for e in self.chain]
+        self._pending.append(self._pool.submit(self._write_then, name, ids, views, full, then, chain))
+        return chain
+
+    def _check_failures(self) -> None:
+        for fut in [f for f in self._pending if f.done()]:
+            self._pending.remove(fut)
+            if fut.exception() is not None:
+                raise StoreWriteError(f"writing the client store under {self.directory} failed: {fut.exception()}") \
+                    from fut.exception()
+
+    def _write_then(self, name, ids, views, full, then, chain) -> None:
+        self._write(name, ids, views, full)
+        if then is not None:
+            then(chain)
 
     def _write(self, name: str, ids: np.ndarray, views: list[np.ndarray], full: bool) -> None:
         t0 = time.thread_time()
@@ -114,9 +144,12 @@ class ClientStoreCheckpointer:
         self.writer_cpu_seconds += time.thread_time() - t0
 
     def wait(self) -> None:
-        for fut in self._pending:
-            fut.result()
-        self._pending = []
+        """Block until every queued write (and its ``then``) is done; raise if one failed."""
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            if fut.exception() is not None:
+                raise StoreWriteError(f"writing the client store under {self.directory} failed: {fut.exception()}") \
+                    from fut.exception()
 
     # -------------------------------------------------------------- restore
     def load(self, chain: list[dict[str, Any]], like: Any) -> Any:
@@ -125,7 +158,7 @@ class ClientStoreCheckpointer:
         ``like`` must hold the run's *initial* store when the chain starts at ``init``.
         """
         if not chain or chain[0]["kind"] not in ("base", "init"):
-            raise ValueError("client-store chain does not start with a base")
+            raise IntegrityError("client-store chain does not start with a base")
         leaves_like, treedef = jax.tree.flatten(like)
         out: list[np.ndarray] | None = None
         if chain[0]["kind"] == "init":
@@ -136,17 +169,20 @@ class ClientStoreCheckpointer:
         for entry in chain_files:
             path = os.path.join(self.directory, entry["file"])
             if not os.path.exists(path):
-                raise FileNotFoundError(f"client-store file {entry['file']} is missing")
-            with open(path, "rb") as f:
-                ids = np.load(f, allow_pickle=False)
-                arrays = [np.load(f, allow_pickle=False) for _ in leaves_like]
-                stored = np.load(f, allow_pickle=False)
+                raise IntegrityError(f"client-store file {entry['file']} is missing")
+            try:
+                with open(path, "rb") as f:
+                    ids = np.load(f, allow_pickle=False)
+                    arrays = [np.load(f, allow_pickle=False) for _ in leaves_like]
+                    stored = np.load(f, allow_pickle=False)
+            except (ValueError, EOFError, OSError) as e:
+                raise IntegrityError(f"client-store file {entry['file']} is unreadable ({e})") from e
             crcs = np.array([_crc(ids)] + [_crc(a) for a in arrays], np.uint32)
             if not np.array_equal(crcs, stored) or len(ids) != entry["rows"]:
-                raise ValueError(f"client-store file {entry['file']} fails its checksum")
+                raise IntegrityError(f"client-store file {entry['file']} fails its checksum")
             if out is None:
                 if len(ids) != self.num_clients:
-                    raise ValueError(f"base {entry['file']} holds {len(ids)} of {self.num_clients} clients")
+                    raise IntegrityError(f"base {entry['file']} holds {len(ids)} of {self.num_clients} clients")
                 out = arrays
             else:
                 for a, b in zip(out, arrays):
@@ -155,16 +191,14 @@ class ClientStoreCheckpointer:
             if a.shape != tuple(l.shape) or a.dtype != l.dtype:
                 raise ValueError(f"client-store array {a.shape} {a.dtype} does not match {l.shape} {l.dtype}")
         self.chain = [dict(e) for e in chain]
-        self._rows_since_base = sum(e["rows"] for e in chain if e["kind"] == "segment")
+        self._rows_since_base = sum(e["rows"] for e in chain if e["kind"] == "segment")  # as save() counts
         return jax.tree.unflatten(treedef, out)
 
     def prune(self, keep_files: set[str]) -> None:
-        """Delete store files no retained checkpoint needs (queued after pending writes)."""
-        self._pending.append(self._pool.submit(self._prune, set(keep_files) | {e["file"] for e in self.chain if e["file"]}))
-
-    def _prune(self, keep: set[str]) -> None:
+        """Delete store data files that no retained checkpoint needs (call on the writer thread)."""
+        keep = set(keep_files) | {e["file"] for e in self.chain if e["file"]}
         for name in os.listdir(self.directory):
-            if name.endswith(".npy") and name not in keep or name.endswith(".tmp"):
+            if (name.endswith(".npy") and name not in keep) or name.endswith(".npy.tmp"):
                 try:
                     os.remove(os.path.join(self.directory, name))
                 except FileNotFoundError:

@@ -14,6 +14,7 @@ loop then writes a checkpoint, waits for it and returns ``interrupted=True``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -28,9 +29,10 @@ from tqdm.auto import tqdm
 
 from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model
 from fedkd_jax.config import Config, to_dict, to_yaml, validate
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import CheckpointError, ConfigError
 from fedkd_jax.engine import Simulator, client_mesh, make_evaluator, make_personal_evaluator, summarize_clients
 from fedkd_jax.run.checkpoint import Checkpointer
+from fedkd_jax.run.client_store import IntegrityError
 from fedkd_jax.run.outputs import MetricsLog, plot_accuracy
 from fedkd_jax.run.resume import check_compatible, complete_rows, saved_config
 
@@ -104,10 +106,16 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     """
     validate(cfg)
     previous = saved_config(out_dir)
+    if cfg.compression.schedule_rounds is None:
+        # The SVD energy schedule's horizon is fixed when a run starts, so
+        # extending run.rounds later does not rewrite the schedule already used.
+        horizon = previous.compression.schedule_rounds if previous is not None else None
+        cfg = dataclasses.replace(cfg, compression=dataclasses.replace(
+            cfg.compression, schedule_rounds=horizon or cfg.run.rounds))
     if previous is not None:
         check_compatible(previous, cfg, out_dir)
-    elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        raise ConfigError("--out", f"{out_dir!r} holds metrics.jsonl but no config.json, so it cannot be resumed; "
+    elif any(os.path.exists(os.path.join(out_dir, f)) for f in ("metrics.jsonl", "checkpoints")):
+        raise ConfigError("--out", f"{out_dir!r} holds a run's files but no config.json, so it cannot be resumed; "
                                    "choose another --out so its files are kept")
     r = cfg.run
     data = build_data(cfg)
@@ -117,22 +125,32 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                     group_size=r.group_size, compressor=build_compressor(cfg))
     evaluate = _evaluator(algorithm)
 
+    dev_data = sim.put_data(data)
+    state = sim.put_state(sim.init(r.seed))
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, num_clients=data.num_clients)
+    resumed_from = None
+    restored = None
+    if previous is not None:
+        try:
+            restored = ckpt.restore_latest(state)
+        except IntegrityError as e:
+            ckpt.close()
+            raise CheckpointError("--out", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - e.g. a state structure that no longer matches the code
+            ckpt.close()
+            raise CheckpointError("--out", f"could not restore the checkpoints in {out_dir!r} "
+                                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); nothing was changed") from None
+    if restored is not None:
+        state, resumed_from = restored
+    else:
+        ckpt.start_fresh()
+
     os.makedirs(out_dir, exist_ok=True)
     for name, text in (("config.yaml", to_yaml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
         with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
             f.write(text)
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-
-    dev_data = sim.put_data(data)
-    state = sim.put_state(sim.init(r.seed))
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, num_clients=data.num_clients)
     log = MetricsLog(out_dir)
-    resumed_from = None
-    restored = ckpt.restore_latest(state) if previous is not None else None
-    if restored is not None:
-        state, resumed_from = restored
-    else:
-        ckpt.start_fresh()
     log.reset(complete_rows(out_dir, resumed_from or 0))
     done = resumed_from or 0
     last = log.rows[-1] if log.rows else {}
