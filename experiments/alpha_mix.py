@@ -30,7 +30,7 @@ def cells(args):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    rows = run_grid("alpha_mix", cells(args), results_dir=args.results)
+    rows = run_grid("alpha_mix", cells(args), results_dir=args.results, runs_dir=args.runs)
     out = args.results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "alpha_mix")
     metrics = ["student_accuracy"]
     summary = summarize(rows, ["label_alpha", "mix_alpha"], metrics)

@@ -26,16 +26,18 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--quick", action="store_true", help="tiny smoke version (few rounds, one seed)")
     ap.add_argument("--results", default=None, help="results folder (default experiments/results/<name>)")
+    ap.add_argument("--runs", default=None, help="folder for the individual runs (default runs/experiments/<name>)")
     return ap.parse_args(argv)
 
 
-def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, results_dir: str | None = None) -> list[dict]:
+def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, results_dir: str | None = None,
+             runs_dir: str | None = None) -> list[dict]:
     """Run every ``(labels, overrides)`` cell; return one row of labels + final metrics per run."""
     import fedkd_jax  # noqa: F401  (sets the device count before JAX starts)
     from fedkd_jax.config import load_config
     from fedkd_jax.run import read_jsonl, run_experiment
 
-    out_root = os.path.join(ROOT, "runs", "experiments", name)
+    out_root = runs_dir or os.path.join(ROOT, "runs", "experiments", name)
     rows = []
     cells = list(cells)
     for i, (labels, overrides) in enumerate(cells):

@@ -46,7 +46,7 @@ def cells(args):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    rows = run_grid("compare_algorithms", cells(args), results_dir=args.results)
+    rows = run_grid("compare_algorithms", cells(args), results_dir=args.results, runs_dir=args.runs)
     out = args.results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compare_algorithms")
     metrics = ["student_accuracy", "teacher_accuracy_mean", "total_bytes_up", "total_bytes_down"]
     summary = summarize(rows, ["dataset", "alpha", "algorithm"], metrics)

@@ -34,7 +34,7 @@ def cells(args):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    rows = run_grid("svd_energy", cells(args), results_dir=args.results)
+    rows = run_grid("svd_energy", cells(args), results_dir=args.results, runs_dir=args.runs)
     out = args.results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "svd_energy")
     metrics = ["student_accuracy", "teacher_accuracy_mean", "total_bytes_up"]
     summary = summarize(rows, ["schedule"], metrics)

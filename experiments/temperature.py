@@ -29,7 +29,7 @@ def cells(args):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    rows = run_grid("temperature", cells(args), results_dir=args.results)
+    rows = run_grid("temperature", cells(args), results_dir=args.results, runs_dir=args.runs)
     out = args.results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "temperature")
     metrics = ["student_accuracy", "teacher_accuracy_mean"]
     summary = summarize(rows, ["algorithm", "temperature"], metrics)

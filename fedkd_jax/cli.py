@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(p10 {f['teacher_acc_p10']:.3f}, p90 {f['teacher_acc_p90']:.3f})")
     if f.get("cum_bytes_up") is not None:
         print(f"communication: {f['cum_bytes_up'] / 1e6:.2f} MB up, {f['cum_bytes_down'] / 1e6:.2f} MB down")
-    print(f"outputs in {result.run_dir}: config.yaml, metrics.jsonl, metrics.csv, accuracy.png, checkpoints/")
+    store = ", checkpoints-clients/" if os.path.isdir(os.path.join(result.run_dir, "checkpoints-clients")) else ""
+    print(f"outputs in {result.run_dir}: config.yaml, config.json, metrics.jsonl, metrics.csv, accuracy.png, "
+          f"checkpoints/{store}")
     return 0
 
 

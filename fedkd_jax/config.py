@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
@@ -155,13 +155,17 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base:
     """
     try:
         cfg = OmegaConf.structured(Config)
-        if base:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(base))
-        if path:
+        for field_name, file in (("run_dir", base), ("--config", path)):
+            if not file:
+                continue
             try:
-                loaded = OmegaConf.load(path)
+                loaded = OmegaConf.load(file)
             except FileNotFoundError:
-                raise ConfigError("--config", f"no such file: {path!r}") from None
+                raise ConfigError(field_name, f"no such file: {file!r}") from None
+            except Exception as e:  # YAML/JSON syntax errors
+                raise ConfigError(field_name, f"{file!r} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(field_name, f"{file!r} must hold a mapping of sections (data:, model:, ...)")
             cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:
@@ -295,5 +299,5 @@ def validate(cfg: Config) -> None:
     _positive("run.keep_checkpoints", r.keep_checkpoints, integer=True)
     _positive("run.devices", r.devices, integer=True, allow_none=True)
     _positive("run.group_size", r.group_size, integer=True)
-    if r.seed < 0:
-        raise ConfigError("run.seed", f"must be >= 0; got {r.seed}")
+    if not 0 <= r.seed < 2**31:
+        raise ConfigError("run.seed", f"must be in [0, 2^31); got {r.seed}")

@@ -142,3 +142,18 @@ def test_existing_run_is_never_overwritten(tmp_path):
     p = _cli("run", "--out", str(out), "--set", "run.rounds=1", cwd=tmp_path)
     assert p.returncode == 2 and "cannot be resumed" in p.stderr
     assert (out / "metrics.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_malformed_config_files_and_seeds_get_clear_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {rounds: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as e:
+        load_config(str(bad))
+    assert e.value.field == "--config"
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(lst))
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"run.seed={2**63}"])
+    assert e.value.field == "run.seed"

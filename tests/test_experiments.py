@@ -10,7 +10,8 @@ import svd_energy  # noqa: E402
 
 
 def test_svd_energy_experiment_writes_results_and_compresses(tmp_path):
-    svd_energy.main(["--quick", "--results", str(tmp_path)])
+    svd_energy.main(["--quick", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    assert len(os.listdir(tmp_path / "runs")) == 2  # runs stay out of the repository's runs/
     with open(tmp_path / "results.csv") as f:
         rows = {r["schedule"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"none", "0.95-0.98"}

@@ -226,14 +226,15 @@ class Simulator:
         def body(acc, x):
             out = per_client(*x)
             acc = jax.tree.map(jnp.add, acc, weighted_sums(out))
-            return acc, out.state
+            # exact per-client byte counts (a float32 sum rounds past 2^24 bytes)
+            return acc, (out.state, jnp.round(out.upload_bytes).astype(jnp.int32))
 
-        acc, new_states = jax.lax.scan(body, zeros, xs)
+        acc, per_client_out = jax.lax.scan(body, zeros, xs)
         if g > 1:
-            new_states = jax.tree.map(lambda a: a.reshape((n_local,) + a.shape[2:]), new_states)
+            per_client_out = jax.tree.map(lambda a: a.reshape((n_local,) + a.shape[2:]), per_client_out)
         flat, unravel = ravel_pytree(acc)
         # The only cross-device collective of the round: one all-reduce.
-        return unravel(jax.lax.psum(flat, CLIENTS)), new_states
+        return unravel(jax.lax.psum(flat, CLIENTS)), per_client_out
 
     def _round(self, state: SimState, data: FederatedData):
         alg = self.algorithm
@@ -250,7 +251,7 @@ class Simulator:
             in_specs=(P(), P(), P(), P(), P(), P(), P()),
             out_specs=(P(), P(CLIENTS)),
         )
-        (upd_sum, aux_sum, w_sum, met_sum, bytes_up), new_states = sharded(
+        (upd_sum, aux_sum, w_sum, met_sum, bytes_up), (new_states, client_bytes) = sharded(
             bcast, rkey, state.round, ids, valid, state.clients, data
         )
         denom = jnp.maximum(w_sum, 1e-12)
@@ -262,7 +263,8 @@ class Simulator:
         metrics.update({"server_" + k: v for k, v in server_metrics.items()})
         metrics["weight_sum"] = w_sum
         if not self.static_upload:
-            metrics["bytes_up"] = bytes_up
+            metrics["bytes_up"] = bytes_up  # float32 total, for convenience
+            metrics["bytes_up_clients"] = client_bytes  # [Cp] int32, exact (0 for padding)
         if self.algorithm.init_client is not None:
             metrics["cohort"] = cohort  # whose persistent state changed (incremental checkpoints)
         return SimState(state.round + 1, server, clients, state.key), metrics

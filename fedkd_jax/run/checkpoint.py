@@ -143,7 +143,7 @@ class Checkpointer:
         """Drop store files and chain records no committed checkpoint needs (writer thread)."""
         retained = set(self.steps())
         keep: set[str] = set()
-        for name in os.listdir(self.store_dir):
+        for name in os.listdir(self.store_dir) if os.path.isdir(self.store_dir) else []:
             if not (name.startswith("chain-") and name.endswith(".json")):
                 continue
             r = int(name[6:15])
@@ -242,7 +242,7 @@ class Checkpointer:
             with open(chain_path) as f:
                 mine = {e["file"] for e in json.load(f) if e.get("file")}
             others: set[str] = set()
-            for name in os.listdir(self.store_dir):
+            for name in os.listdir(self.store_dir):  # exists: it holds chain_path
                 if name.startswith("chain-") and name.endswith(".json") and name != os.path.basename(chain_path):
                     with open(os.path.join(self.store_dir, name)) as f:
                         others.update(e["file"] for e in json.load(f) if e.get("file"))

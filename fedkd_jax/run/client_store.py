@@ -81,7 +81,6 @@ class ClientStoreCheckpointer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkd-store", initializer=_lower_priority)
         self._pending: list[Future] = []
         self.writer_cpu_seconds = 0.0  # CPU time the background writer has spent
-        os.makedirs(directory, exist_ok=True)
 
     # ---------------------------------------------------------------- save
     def start_from_init(self) -> None:
@@ -102,6 +101,7 @@ class ClientStoreCheckpointer:
           StoreWriteError: an earlier background write failed (disk full, ...).
         """
         self._check_failures()
+        os.makedirs(self.directory, exist_ok=True)
         while len(self._pending) > 1:  # bound the backlog (each entry pins a store's buffers)
             self._pending[0].exception()  # waits
             self._check_failures()

@@ -191,9 +191,13 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                 rows = []
                 for i in range(n):
                     row = {"round": done + i + 1}
-                    row.update({k: float(v[i]) for k, v in m.items() if k not in ("weight_sum", "bytes_up")})
+                    row.update({k: float(v[i]) for k, v in m.items()
+                                if k not in ("weight_sum", "bytes_up", "bytes_up_clients")})
                     row["round_time"] = dt / n
-                    row["bytes_up"] = int(round(float(m["bytes_up"][i]))) if "bytes_up" in m else bytes_up
+                    if "bytes_up_clients" in m:
+                        row["bytes_up"] = int(np.asarray(m["bytes_up_clients"][i], np.int64).sum())
+                    else:
+                        row["bytes_up"] = bytes_up
                     row["bytes_down"] = bytes_down
                     cum_up += row["bytes_up"]
                     cum_down += bytes_down

@@ -41,8 +41,11 @@ def saved_config(run_dir: str) -> Config | None:
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return from_dict(json.load(f))
+    try:
+        with open(path) as f:
+            return from_dict(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("--out", f"{path!r} is not valid JSON ({e}); the run cannot be resumed") from None
 
 
 def check_compatible(saved: Config, wanted: Config, run_dir: str) -> None:
