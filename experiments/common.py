@@ -13,7 +13,7 @@ import csv
 import os
 import shutil
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -31,8 +31,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
 
 
 def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, results_dir: str | None = None,
-             runs_dir: str | None = None) -> list[dict]:
-    """Run every ``(labels, overrides)`` cell; return one row of labels + final metrics per run."""
+             runs_dir: str | None = None, extract: Callable[[list[dict]], dict] | None = None) -> list[dict]:
+    """Run every ``(labels, overrides)`` cell; return one row of labels + final metrics per run
+    (plus ``extract(metrics_rows)`` when given, e.g. rounds to a target accuracy)."""
     import fedkd_jax  # noqa: F401  (sets the device count before JAX starts)
     from fedkd_jax.config import load_config
     from fedkd_jax.run import read_jsonl, run_experiment
@@ -60,8 +61,11 @@ def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, re
             rounds=last["round"],
             seconds=res.seconds,
         )
+        if extract is not None:
+            row.update(extract(hist))
         rows.append(row)
-        print(f"    student acc {row['student_accuracy']:.4f}  teacher acc {row['teacher_accuracy_mean']}  "
+        acc = row["student_accuracy"]
+        print(f"    student acc {acc if acc is None else round(acc, 4)}  teacher acc {row['teacher_accuracy_mean']}  "
               f"up {row['total_bytes_up'] / 1e6:.2f} MB  {res.seconds:.1f} s", flush=True)
     results = results_dir or os.path.join(HERE, "results", name)
     os.makedirs(results, exist_ok=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fedkd_jax import algorithms as alg_lib
 from fedkd_jax.compression import Compressor, make_compressor
-from fedkd_jax.config import Config, compression_method
-from fedkd_jax.data import FederatedData, federate, load_dataset
+from fedkd_jax.config import Config, compression_method, downlink_method
+from fedkd_jax.data import FederatedData, federate, load_dataset, load_proxy
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import Model, make_model
 
@@ -23,7 +23,7 @@ def build_data(cfg: Config) -> FederatedData:
         max_examples=d.max_examples,
     )
     partition = d.partition
-    return federate(
+    fd = federate(
         ds,
         partition=partition,
         num_clients=d.num_clients,
@@ -33,9 +33,14 @@ def build_data(cfg: Config) -> FederatedData:
         examples_per_client=d.examples_per_client,
         test_fraction=d.test_fraction,
         global_test_fraction=d.global_test_fraction,
-        proxy_fraction=d.proxy_fraction,
+        proxy_fraction=d.proxy_fraction if d.proxy == "holdout" else 0.0,
         min_examples=d.min_examples,
     )
+    if d.proxy != "holdout":
+        px = load_proxy(d.proxy, num_features=fd.num_features, image_shape=fd.image_shape, size=d.proxy_size,
+                        seed=cfg.run.seed, path=d.proxy_path)
+        fd = fd.replace(proxy_x=px, proxy_y=None)
+    return fd
 
 
 def build_model(cfg: Config, data: FederatedData, *, teacher: bool = False) -> Model:
@@ -60,10 +65,9 @@ def build_algorithm(cfg: Config, model: Model, data: FederatedData) -> alg_lib.F
     distill = dict(distill_steps=k.server_steps, distill_lr=k.server_lr, distill_batch_size=k.server_batch_size)
     name = cfg.algorithm
     if name == "fedavg":
-        return alg_lib.fedavg(model, client_opt, server_opt, straggler_fraction=c.straggler_fraction, **local)
+        return alg_lib.fedavg(model, client_opt, server_opt, **local)
     if name == "fedprox":
-        return alg_lib.fedprox(model, client_opt, server_opt, mu=cfg.fedprox.mu,
-                               straggler_fraction=c.straggler_fraction, **local)
+        return alg_lib.fedprox(model, client_opt, server_opt, mu=cfg.fedprox.mu, **local)
     if name == "fedkd":
         teacher = build_model(cfg, data, teacher=True)
         teacher_opt = alg_lib.client_optimizer(k.teacher_optimizer, lr=k.teacher_lr, momentum=c.momentum)
@@ -71,13 +75,25 @@ def build_algorithm(cfg: Config, model: Model, data: FederatedData) -> alg_lib.F
     if name == "server_teacher_kd":
         teacher = build_model(cfg, data, teacher=True)
         return alg_lib.server_teacher_kd(model, teacher, client_opt, server_opt, data.proxy_x,
-                                         alpha=k.alpha, temperature=k.temperature, **local, **distill)
+                                         alpha=k.alpha, temperature=k.temperature, warmup=k.teacher_warmup,
+                                         warmup_rounds=k.warmup_rounds, warmup_steps=k.warmup_steps,
+                                         proxy_y=data.proxy_y, **local, **distill)
     if name == "feddf":
-        return alg_lib.feddf(model, client_opt, server_opt, data.proxy_x, temperature=k.temperature, **local, **distill)
+        return alg_lib.feddf(model, client_opt, server_opt, data.proxy_x, proxy_y=data.proxy_y,
+                             temperature=k.temperature, schedule=k.server_schedule, val_fraction=k.val_fraction,
+                             val_every=k.val_every, patience=k.patience, **local, **distill)
     raise ConfigError("algorithm", f"unknown algorithm {name!r}; allowed: {', '.join(alg_lib.ALGORITHMS)}")
 
 
-def build_compressor(cfg: Config) -> Compressor | None:
+def build_compressor(cfg: Config, *, downlink: bool = False) -> Compressor | None:
+    """The upload compressor, or (``downlink=True``) the server-to-client one."""
     z = cfg.compression
-    return make_compressor(compression_method(cfg), rounds=z.schedule_rounds or cfg.run.rounds, energy_start=z.energy_start,
+    method = downlink_method(cfg) if downlink else compression_method(cfg)
+    return make_compressor(method, rounds=z.schedule_rounds or cfg.run.rounds, energy_start=z.energy_start,
                            energy_end=z.energy_end, topk_fraction=z.topk_fraction)
+
+
+def client_weighting(cfg: Config) -> str:
+    """Resolve ``client.weighting=auto``: uniform for fedkd (its reference code), examples otherwise."""
+    w = cfg.client.weighting
+    return ("uniform" if cfg.algorithm == "fedkd" else "examples") if w == "auto" else w

@@ -35,19 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     # the CPU device count, it does not start JAX.
     from fedkd_jax import configure_cpu_devices
     from fedkd_jax.config import load_config
-    from fedkd_jax.errors import ConfigError, FedKDError
+    from fedkd_jax.errors import FedKDError
+    from fedkd_jax.paths import check_run_dir, check_writable_dir
     from fedkd_jax.run import run_experiment
 
     try:
         if args.command == "resume":
-            cfg_path = os.path.join(args.run_dir, "config.json")
-            if not os.path.exists(cfg_path):
-                raise ConfigError("run_dir", f"{args.run_dir!r} holds no config.json; it is not a fedkd run directory")
-            cfg = load_config(None, args.overrides, base=cfg_path)
+            check_run_dir("run_dir", args.run_dir)
+            cfg = load_config(None, args.overrides, base=os.path.join(args.run_dir, "config.json"))
             out = args.run_dir
         else:
             cfg = load_config(args.config, args.overrides)
             out = args.out or os.path.join("runs", f"{cfg.algorithm}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_writable_dir("--out" if args.command == "run" else "run_dir", out)
         configure_cpu_devices(cfg.run.devices)
         result = run_experiment(cfg, out, progress=not args.no_progress and cfg.run.progress)
     except FedKDError as e:

@@ -17,26 +17,31 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, server_settings
 from fedkd_jax.compression import COMPRESSIONS
-from fedkd_jax.data import DATASETS, PARTITIONS
+from fedkd_jax.engine.simulator import STRAGGLER_MODES, WEIGHTINGS
+from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
+from fedkd_jax.paths import check_input_file, check_npz
 
 
 @dataclass
 class DataConfig:
     dataset: str = "digits"  # digits | mnist5k | synthetic | npz
     path: Optional[str] = None  # .npz file with x, y (and optional client) for dataset=npz
-    partition: str = "dirichlet"  # iid | dirichlet | shards | quantity | natural
+    partition: str = "dirichlet"  # iid | dirichlet (per class) | dirichlet_client (Hsu) | shards | quantity | natural
     num_clients: int = 50
     alpha: float = 0.5  # Dirichlet concentration (dirichlet label skew, quantity skew)
     shards_per_client: int = 2  # shards partition: classes-ish per client
-    examples_per_client: Optional[int] = None  # iid only: fixed size; resampled if N*size > pool
+    examples_per_client: Optional[int] = None  # iid: fixed size, resampled if N*size > pool; dirichlet_client: size
     min_examples: int = 2  # dirichlet/quantity: redraw until every client has this many
     test_fraction: float = 0.2  # each client's local test split
     global_test_fraction: float = 0.2  # held out before partitioning (not for natural)
     proxy_fraction: float = 0.0  # unlabeled proxy rows held out for feddf / server_teacher_kd
+    proxy: str = "holdout"  # holdout (proxy_fraction of the pool) | digits | mnist5k | noise | npz (out-of-domain)
+    proxy_path: Optional[str] = None  # proxy=npz: a .npz with array x (labels ignored)
+    proxy_size: int = 1000  # rows of an out-of-domain proxy (digits, mnist5k, noise)
     synthetic_alpha: float = 1.0  # FedProx Synthetic(alpha, beta)
     synthetic_beta: float = 1.0
     max_examples: Optional[int] = None  # synthetic: cap on a client's size
@@ -58,16 +63,19 @@ class ClientConfig:
     local_epochs: int = 1
     local_steps: Optional[int] = None  # fixed steps per round instead of epochs
     straggler_fraction: float = 0.0  # cohort share stopping early (fedavg drops, fedprox keeps)
+    straggler_mode: str = "fixed"  # fixed: exactly round(f*C) stragglers, work < full (FedProx) | bernoulli: old draw
+    weighting: str = "auto"  # aggregation weights: auto (uniform for fedkd, else examples) | examples | uniform
 
 
 @dataclass
 class ServerConfig:
     optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi
-    lr: float = 1.0
-    momentum: float = 0.9
-    b1: float = 0.9
-    b2: float = 0.99
-    tau: float = 1e-3
+    # unset: the optimizer's defaults (Reddi et al. 2021; see README and algorithms.SERVER_DEFAULTS)
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    b1: Optional[float] = None
+    b2: Optional[float] = None
+    tau: Optional[float] = None
 
 
 @dataclass
@@ -78,9 +86,16 @@ class DistillConfig:
     teacher_hidden: List[int] = field(default_factory=lambda: [128, 128])
     teacher_optimizer: str = "sgd"  # fedkd private teachers (state persists per client)
     teacher_lr: float = 0.05
-    server_steps: int = 50  # feddf / server_teacher_kd: distillation steps per round
+    server_steps: int = 50  # feddf / server_teacher_kd: distillation steps per round (feddf: the most)
     server_lr: float = 1e-3  # their Adam learning rate
     server_batch_size: int = 64
+    server_schedule: str = "cosine"  # feddf: cosine-annealed (Lin et al. 2020) | constant
+    val_fraction: float = 0.1  # feddf: proxy share held out to early-stop distillation (0: fixed budget)
+    patience: int = 2  # feddf: validation checks without improvement before stopping
+    val_every: int = 10  # feddf: distillation steps between validation checks
+    teacher_warmup: str = "rounds"  # server_teacher_kd: rounds (clients use CE only meanwhile) | labeled
+    warmup_rounds: int = 10  # server_teacher_kd: teacher updates before clients distil from it
+    warmup_steps: int = 200  # server_teacher_kd, labeled: Adam steps on the labeled proxy before round 0
 
 
 @dataclass
@@ -91,6 +106,7 @@ class FedProxConfig:
 @dataclass
 class CompressionConfig:
     method: str = "auto"  # auto (svd for fedkd, else none) | none | svd | topk | quant8
+    downlink: str = "auto"  # server->client update: auto (svd for fedkd, else none) | none | svd | topk | quant8
     energy_start: float = 0.95  # svd: energy kept at round 0 ...
     energy_end: float = 0.98  # ... rising linearly to this at the last round
     topk_fraction: float = 0.1  # topk: share of entries kept per tensor
@@ -130,6 +146,22 @@ def compression_method(cfg: Config) -> str:
     return ("svd" if cfg.algorithm == "fedkd" else "none") if m == "auto" else m
 
 
+def downlink_method(cfg: Config) -> str:
+    """Resolve ``auto``: fedkd compresses the global update with its upload method
+    (Wu et al. 2022 compress both directions); other algorithms send it dense."""
+    m = cfg.compression.downlink
+    return (compression_method(cfg) if cfg.algorithm == "fedkd" else "none") if m == "auto" else m
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """Fill settings whose default depends on other settings (the server
+    optimizer's ``lr``, ``momentum``, ``b1``, ``b2``, ``tau``), so the saved
+    config records the values a run used."""
+    s = cfg.server
+    h = server_settings(s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, tau=s.tau)
+    return dataclasses.replace(cfg, server=dataclasses.replace(s, **h))
+
+
 def _sections() -> dict[str, list[str]]:
     return {f.name: [g.name for g in dataclasses.fields(f.default_factory())] for f in dataclasses.fields(Config) if f.name != "algorithm"}
 
@@ -158,6 +190,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base:
         for field_name, file in (("run_dir", base), ("--config", path)):
             if not file:
                 continue
+            check_input_file(field_name, file, what="YAML/JSON config file")
             try:
                 loaded = OmegaConf.load(file)
             except FileNotFoundError:
@@ -220,6 +253,10 @@ def validate(cfg: Config) -> None:
     _choice("data.partition", d.partition, PARTITIONS)
     if d.dataset == "npz" and not d.path:
         raise ConfigError("data.path", "dataset 'npz' needs data.path=FILE.npz holding arrays x and y")
+    if d.dataset == "npz":
+        check_npz("data.path", d.path)
+    if d.proxy == "npz" and d.proxy_path:
+        check_npz("data.proxy_path", d.proxy_path)
     if d.partition == "natural" and d.dataset not in ("synthetic", "npz"):
         raise ConfigError("data.partition", f"'natural' needs a dataset with client ids (synthetic or npz); {d.dataset!r} has none")
     _positive("data.num_clients", d.num_clients, integer=True)
@@ -230,8 +267,16 @@ def validate(cfg: Config) -> None:
     _fraction("data.test_fraction", d.test_fraction)
     _fraction("data.global_test_fraction", d.global_test_fraction)
     _fraction("data.proxy_fraction", d.proxy_fraction)
-    if cfg.algorithm in ("feddf", "server_teacher_kd") and d.proxy_fraction <= 0:
-        raise ConfigError("data.proxy_fraction", f"{cfg.algorithm} distils on an unlabeled proxy set; set it in (0, 1), e.g. 0.1")
+    _choice("data.proxy", d.proxy, PROXY_SOURCES)
+    _positive("data.proxy_size", d.proxy_size, integer=True)
+    if d.proxy == "npz" and not d.proxy_path:
+        raise ConfigError("data.proxy_path", "data.proxy=npz needs data.proxy_path=FILE.npz holding an array x")
+    if cfg.algorithm in ("feddf", "server_teacher_kd") and d.proxy == "holdout" and d.proxy_fraction <= 0:
+        raise ConfigError("data.proxy_fraction", f"{cfg.algorithm} distils on an unlabeled proxy set; set it in (0, 1), "
+                                                 "e.g. 0.1, or use an out-of-domain data.proxy")
+    if cfg.algorithm == "server_teacher_kd" and cfg.distill.teacher_warmup == "labeled" and d.proxy != "holdout":
+        raise ConfigError("distill.teacher_warmup", "'labeled' trains the teacher on the labeled held-out proxy; "
+                                                    "it needs data.proxy=holdout (or use 'rounds')")
     for name in ("synthetic_alpha", "synthetic_beta"):
         v = getattr(d, name)
         if not (math.isfinite(v) and v >= 0):
@@ -255,6 +300,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("client.momentum", f"must be in [0, 1); got {c.momentum}")
     if not 0 <= c.straggler_fraction <= 1:
         raise ConfigError("client.straggler_fraction", f"must be in [0, 1]; got {c.straggler_fraction}")
+    _choice("client.straggler_mode", c.straggler_mode, STRAGGLER_MODES)
+    _choice("client.weighting", c.weighting, ("auto",) + WEIGHTINGS)
+    if c.straggler_fraction > 0 and cfg.algorithm not in ("fedavg", "fedprox"):
+        raise ConfigError("client.straggler_fraction",
+                          f"stragglers are simulated for fedavg (dropped) and fedprox (kept); {cfg.algorithm} needs 0")
 
     k = cfg.distill
     _positive("distill.temperature", k.temperature)
@@ -268,11 +318,20 @@ def validate(cfg: Config) -> None:
     _positive("distill.server_steps", k.server_steps, integer=True)
     _positive("distill.server_lr", k.server_lr)
     _positive("distill.server_batch_size", k.server_batch_size, integer=True)
+    _choice("distill.server_schedule", k.server_schedule, ("cosine", "constant"))
+    _fraction("distill.val_fraction", k.val_fraction)
+    _positive("distill.patience", k.patience, integer=True)
+    _positive("distill.val_every", k.val_every, integer=True)
+    _choice("distill.teacher_warmup", k.teacher_warmup, ("rounds", "labeled"))
+    if not (isinstance(k.warmup_rounds, int) and k.warmup_rounds >= 0):
+        raise ConfigError("distill.warmup_rounds", f"must be an integer >= 0; got {k.warmup_rounds}")
+    _positive("distill.warmup_steps", k.warmup_steps, integer=True)
     if not (math.isfinite(cfg.fedprox.mu) and cfg.fedprox.mu >= 0):
         raise ConfigError("fedprox.mu", f"must be a finite number >= 0; got {cfg.fedprox.mu}")
 
     z = cfg.compression
     _choice("compression.method", z.method, ("auto",) + COMPRESSIONS)
+    _choice("compression.downlink", z.downlink, ("auto",) + COMPRESSIONS)
     _positive("compression.schedule_rounds", z.schedule_rounds, integer=True, allow_none=True)
     for name in ("energy_start", "energy_end", "topk_fraction"):
         v = getattr(z, name)
@@ -281,11 +340,11 @@ def validate(cfg: Config) -> None:
 
     s = cfg.server
     _choice("server.optimizer", s.optimizer, SERVER_OPTIMIZERS)
-    _positive("server.lr", s.lr)
-    _positive("server.tau", s.tau)
+    _positive("server.lr", s.lr, allow_none=True)
+    _positive("server.tau", s.tau, allow_none=True)
     for name in ("momentum", "b1", "b2"):
         v = getattr(s, name)
-        if not 0 <= v < 1:
+        if v is not None and not 0 <= v < 1:
             raise ConfigError(f"server.{name}", f"must be in [0, 1); got {v}")
 
     r = cfg.run

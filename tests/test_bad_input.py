@@ -17,7 +17,7 @@ from fedkd_jax.run import run_experiment
     "override, field, words",
     [
         ("data.dataset=cifar", "data.dataset", "digits, mnist5k, synthetic, npz"),
-        ("data.partition=zipf", "data.partition", "iid, dirichlet, shards, quantity, natural"),
+        ("data.partition=zipf", "data.partition", "iid, dirichlet, dirichlet_client, shards, quantity, natural"),
         ("client.lr=0", "client.lr", "positive"),
         ("client.lr=-0.1", "client.lr", "positive"),
         ("client.batch_size=0", "client.batch_size", "positive integer"),
@@ -157,3 +157,58 @@ def test_malformed_config_files_and_seeds_get_clear_errors(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"run.seed={2**63}"])
     assert e.value.field == "run.seed"
+
+
+class _CompileCounter:
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+def test_every_user_named_path_is_checked_before_compiling(tmp_path, capsys):
+    from fedkd_jax.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an archive\n")
+    npy = tmp_path / "arr.npy"
+    np.save(npy, np.ones(3))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfgdir = tmp_path / "cfgdir"
+    cfgdir.mkdir()
+    small = ["--set", "algorithm=fedavg", "--set", "run.rounds=1", "--set", "data.num_clients=4", "--set", "run.cohort_size=2"]
+    cases = [
+        (["run", "--set", "data.dataset=npz", "--set", f"data.path={notes}"], "data.path", "not a NumPy archive"),
+        (["run", "--set", "data.dataset=npz", "--set", f"data.path={npy}"], "data.path", ".npy"),
+        (["run", "--set", "data.dataset=npz", "--set", f"data.path={cfgdir}"], "data.path", "directory"),
+        (["run", *small, "--out", str(afile)], "--out", "is a file"),
+        (["run", *small, "--out", str(afile / "sub")], "--out", "is a file"),
+        (["run", *small, "--out", "/proc/fedkd-run"], "--out", "not writable"),
+        (["run", "--config", str(cfgdir)], "--config", "is a directory"),
+        (["run", *small, "--set", "algorithm=feddf", "--set", "data.proxy=npz", "--set", f"data.proxy_path={notes}"],
+         "data.proxy_path", "not a NumPy archive"),
+        (["resume", str(afile)], "run_dir", "is a file"),
+        (["resume", str(tmp_path / "nothing")], "run_dir", "no such directory"),
+        (["resume", str(cfgdir)], "run_dir", "no config.json"),
+    ]
+    counter = _CompileCounter()
+    for args, field, words in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"fedkd: error: {field}:" in err and words in err, (args, err)
+    assert counter.count == 0  # nothing was compiled for any of them
+    assert afile.read_text() == "x" and not (tmp_path / "runs").exists()
+
+
+def test_data_file_of_the_wrong_format_via_cli_has_no_traceback(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    p = _cli("run", "--set", "data.dataset=npz", "--set", f"data.path={notes}", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "fedkd: error: data.path:" in p.stderr

@@ -103,6 +103,41 @@ def test_fedkd_mutual_matches_numpy_reference():
     np.testing.assert_allclose(float(m["kd_weight"]), w, rtol=1e-5)
 
 
+def test_fedkd_mutual_carries_t_squared_against_numpy():
+    tf = rng.normal(size=(6, 4)).astype(np.float32)
+    ps = rng.normal(size=(6, 4)).astype(np.float32)
+    temp = 3.0
+    (lt, ls), _ = fedkd_mutual(jnp.asarray(T), jnp.asarray(S), jnp.asarray(Y), jnp.asarray(tf), jnp.asarray(ps),
+                               temperature=temp)
+    ce_t, ce_s = _np_ce(T, Y).mean(), _np_ce(S, Y).mean()
+    h = ((tf - ps) ** 2).mean()
+    w = 1.0 / (ce_t + ce_s)
+    np.testing.assert_allclose(float(lt), ce_t + w * temp**2 * _np_kl(S, T, temp).mean() + w * h, rtol=1e-5)
+    np.testing.assert_allclose(float(ls), ce_s + w * temp**2 * _np_kl(T, S, temp).mean() + w * h, rtol=1e-5)
+
+
+def test_fedkd_mutual_soft_gradient_scale_is_invariant_to_temperature():
+    # Hinton et al. 2015: for logits small next to T, d KL_T / d s ~ (s - t) / (K T^2), so
+    # only the T^2 factor keeps the distillation gradient's scale independent of T.
+    # Matched logits: CE terms (and so the adaptive weight) are identical across T.
+    s = jnp.asarray(rng.normal(size=(32, 10)).astype(np.float32) * 0.5)
+    t = jnp.asarray(rng.normal(size=(32, 10)).astype(np.float32) * 0.5)
+    y = jnp.asarray(rng.integers(0, 10, 32))
+    feat = jnp.zeros((32, 3))
+
+    def soft_grad(temp):
+        def kd_part(z):
+            (_, ls), m = fedkd_mutual(t, z, y, feat, feat, temperature=temp)
+            return ls - m["ce_student"]  # the distillation term of L_s (hidden term is 0)
+        return jax.grad(kd_part)(s)
+
+    norms = {temp: float(jnp.linalg.norm(soft_grad(temp))) for temp in (4.0, 8.0, 16.0)}
+    assert max(norms.values()) / min(norms.values()) < 1.1, norms
+    # the same gradient direction too: cosine close to 1
+    g4, g16 = soft_grad(4.0).ravel(), soft_grad(16.0).ravel()
+    assert float(g4 @ g16 / (jnp.linalg.norm(g4) * jnp.linalg.norm(g16))) > 0.99
+
+
 def test_fedkd_mutual_routes_gradients():
     tf = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
     ps = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))

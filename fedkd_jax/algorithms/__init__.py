@@ -18,9 +18,11 @@ from fedkd_jax.algorithms.local import (
 )
 from fedkd_jax.algorithms.optimizers import (
     CLIENT_OPTIMIZERS,
+    SERVER_DEFAULTS,
     SERVER_OPTIMIZERS,
     client_optimizer,
     server_optimizer,
+    server_settings,
 )
 
 ALGORITHMS = ("fedavg", "fedprox", "fedkd", "server_teacher_kd", "feddf")
@@ -28,6 +30,7 @@ ALGORITHMS = ("fedavg", "fedprox", "fedkd", "server_teacher_kd", "feddf")
 __all__ = [
     "ALGORITHMS",
     "CLIENT_OPTIMIZERS",
+    "SERVER_DEFAULTS",
     "SERVER_OPTIMIZERS",
     "ClientData",
     "ClientOutput",
@@ -49,6 +52,7 @@ __all__ = [
     "real_steps",
     "scan_batches",
     "server_optimizer",
+    "server_settings",
     "server_sgd_update",
     "server_teacher_kd",
     "straggler_steps",

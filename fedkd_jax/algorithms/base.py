@@ -23,16 +23,24 @@ ClientState = Any  # persistent per-client state; () when the algorithm has none
 Broadcast = Any  # what the server sends each cohort client
 
 
+# ``ClientData.straggler`` codes, set by the engine from the cohort's draw.
+FULL_WORK, STRAGGLER, LEGACY_STRAGGLER = 0, 1, 2
+
+
 class ClientData(NamedTuple):
-    """One client's padded local training data.
+    """One client's padded local training data and this round's conditions.
 
     Attributes:
       x: ``[M, D]`` features; y: ``[M]`` labels; count: scalar, real rows.
+      straggler: int32 scalar: ``FULL_WORK`` (0); ``STRAGGLER`` (1), a FedProx
+        straggler doing a uniform random amount of work strictly below its full
+        local work; ``LEGACY_STRAGGLER`` (2), the older draw, up to full work.
     """
 
     x: jax.Array
     y: jax.Array
     count: jax.Array
+    straggler: Any = FULL_WORK
 
 
 class ClientOutput(NamedTuple):
@@ -49,6 +57,9 @@ class ClientOutput(NamedTuple):
         nor counted: values the server would compute itself from what it
         received (e.g. FedDF's ensemble logits on the server's proxy set,
         which a real server gets by running each uploaded model).
+      aux_weight: weight of this client in the ``aux`` average (``None``: the
+        same as ``weight``). FedDF averages its ensemble uniformly over the
+        contributing clients, not by example count.
     """
 
     update: Any
@@ -57,6 +68,7 @@ class ClientOutput(NamedTuple):
     metrics: dict[str, jax.Array]
     upload_bytes: jax.Array | None = None
     aux: Any = ()
+    aux_weight: jax.Array | None = None
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -80,6 +92,10 @@ class FederatedAlgorithm(NamedTuple):
       aux_from_update: ``(Broadcast, update) -> aux``, called by the engine on
         the update *as the server receives it* (after compression). Use it for
         values the server derives from uploads, e.g. FedDF's ensemble logits.
+      with_model_params: ``(ServerState, Params) -> ServerState`` replacing the
+        global model's parameters (used by downlink compression: the server
+        keeps the model its clients can reconstruct). Default: ``state._replace(params=...)``.
+      supports_stragglers: whether ``client_update`` honours ``ClientData.straggler``.
     """
 
     name: str
@@ -94,3 +110,10 @@ class FederatedAlgorithm(NamedTuple):
     personal_model: Model | None = None
     personal_params: Callable[[ClientState], Params] | None = None
     aux_from_update: Callable[[Broadcast, Any], Any] | None = None
+    with_model_params: Callable[[ServerState, Params], ServerState] | None = None
+    supports_stragglers: bool = False
+
+    def set_model_params(self, state: ServerState, params: Params) -> ServerState:
+        if self.with_model_params is not None:
+            return self.with_model_params(state, params)
+        return state._replace(params=params)

@@ -8,10 +8,14 @@ Each cohort client starts from the global parameters, runs local training on
 its data, and uploads its delta; the server averages deltas weighted by
 example counts and applies ``server_optimizer`` to the negated mean delta.
 
-Straggler simulation (used by FedProx's comparison, Li et al. 2020): a
-fraction of the cohort stops after a uniformly random number of its real
-local steps (at least one). FedAvg drops those clients' work (weight 0);
-FedProx (``fedkd_jax.algorithms.fedprox``) keeps it.
+Straggler simulation (FedProx's comparison, Li et al. 2020, Sec. 5.2): the
+engine marks exactly ``round(fraction * C)`` clients of each cohort as
+stragglers (``ClientData.straggler``); each does a uniform random number of
+its real local steps strictly below the full number (``1 .. full - 1``; a
+client whose full work is a single step does none). FedAvg drops those
+clients (weight 0, nothing uploaded); FedProx (``fedkd_jax.algorithms.fedprox``)
+keeps their partial work. The older per-client coin flip with up to full work
+is ``straggler_mode="bernoulli"`` in the engine.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
+from fedkd_jax.algorithms.base import FULL_WORK, LEGACY_STRAGGLER, STRAGGLER, ClientData, ClientOutput, FederatedAlgorithm
 from fedkd_jax.algorithms.local import local_train, real_steps
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.losses import cross_entropy
@@ -38,14 +42,17 @@ class FedAvgState(NamedTuple):
     opt_state: optax.OptState
 
 
-def straggler_steps(key: jax.Array, count: jax.Array, max_examples: int, batch_size: int, *,
-                    fraction: float, epochs: int, steps: int | None) -> tuple[jax.Array, jax.Array]:
-    """``(is_straggler, real steps allowed)`` for one client."""
-    full = real_steps(count, max_examples, batch_size, epochs=epochs, steps=steps)
-    k1, k2 = jax.random.split(jax.random.fold_in(key, _STRAGGLER))
-    is_straggler = jax.random.uniform(k1) < fraction
-    partial = jax.random.randint(k2, (), 1, jnp.maximum(full, 1) + 1)
-    return is_straggler, jnp.where(is_straggler, jnp.minimum(partial, full), full)
+def straggler_steps(key: jax.Array, code: jax.Array, full: jax.Array) -> jax.Array:
+    """Real local steps a client may take this round, given its ``ClientData.straggler`` code.
+
+    ``FULL_WORK``: ``full``. ``STRAGGLER``: uniform in ``1 .. full - 1`` (0 when
+    ``full < 2``: no partial amount exists). ``LEGACY_STRAGGLER``: uniform in ``1 .. full``.
+    """
+    k = jax.random.fold_in(key, _STRAGGLER)
+    below = jnp.where(full >= 2, jax.random.randint(k, (), 1, jnp.maximum(full, 2)), 0)
+    legacy = jnp.minimum(jax.random.randint(k, (), 1, jnp.maximum(full, 1) + 1), full)
+    code = jnp.asarray(code)
+    return jnp.where(code == STRAGGLER, below, jnp.where(code == LEGACY_STRAGGLER, legacy, full))
 
 
 def server_sgd_update(server_optimizer: optax.GradientTransformation):
@@ -70,14 +77,11 @@ def local_sgd_algorithm(
     local_epochs: int = 1,
     local_steps: int | None = None,
     proximal_mu: float = 0.0,
-    straggler_fraction: float = 0.0,
     drop_stragglers: bool = True,
 ) -> FederatedAlgorithm:
     """Shared body of FedAvg and FedProx (see the module docstrings)."""
     if proximal_mu < 0:
         raise ConfigError("fedprox.mu", f"must be >= 0; got {proximal_mu}")
-    if not 0.0 <= straggler_fraction <= 1.0:
-        raise ConfigError("client.straggler_fraction", f"must be in [0, 1]; got {straggler_fraction}")
 
     def init(key: jax.Array) -> FedAvgState:
         params = model.init(key)
@@ -93,14 +97,10 @@ def local_sgd_algorithm(
             return loss, m
 
         weight = data.count.astype(jnp.float32)
-        cap = None
-        if straggler_fraction > 0:
-            is_straggler, cap = straggler_steps(
-                key, data.count, data.x.shape[0], batch_size,
-                fraction=straggler_fraction, epochs=local_epochs, steps=local_steps,
-            )
-            if drop_stragglers:
-                weight = jnp.where(is_straggler, 0.0, weight)
+        full = real_steps(data.count, data.x.shape[0], batch_size, epochs=local_epochs, steps=local_steps)
+        cap = straggler_steps(key, data.straggler, full)
+        if drop_stragglers:
+            weight = jnp.where(jnp.asarray(data.straggler) != FULL_WORK, 0.0, weight)
         new_params, metrics = local_train(
             loss_fn, params, client_optimizer, data.x, data.y, data.count, key,
             batch_size=batch_size, epochs=local_epochs, steps=local_steps, max_real_steps=cap,
@@ -117,6 +117,7 @@ def local_sgd_algorithm(
         client_update=client_update,
         server_update=server_sgd_update(server_optimizer),
         model_params=lambda state: state.params,
+        supports_stragglers=True,
     )
 
 
@@ -128,7 +129,6 @@ def fedavg(
     batch_size: int,
     local_epochs: int = 1,
     local_steps: int | None = None,
-    straggler_fraction: float = 0.0,
 ) -> FederatedAlgorithm:
     """Build FedAvg (or FedAvgM / FedAdam / FedYogi via ``server_optimizer``).
 
@@ -140,11 +140,10 @@ def fedavg(
       batch_size: local batch size ``B``.
       local_epochs: local epochs ``E`` (ignored when ``local_steps`` is set).
       local_steps: fixed number of local steps instead of epochs.
-      straggler_fraction: fraction of the cohort that stops early; FedAvg
-        drops their updates.
+
+    Stragglers (the engine's ``straggler_fraction``) are dropped.
     """
     return local_sgd_algorithm(
         "fedavg", model, client_optimizer, server_optimizer,
-        batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps,
-        straggler_fraction=straggler_fraction, drop_stragglers=True,
+        batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps, drop_stragglers=True,
     )

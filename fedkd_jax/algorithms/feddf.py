@@ -1,18 +1,37 @@
 """FedDF: ensemble distillation for robust model fusion.
 
 Lin et al. 2020, "Ensemble Distillation for Robust Model Fusion in Federated
-Learning" (NeurIPS).
+Learning" (NeurIPS); reference code: epfml/federated-learning-public-code,
+``codes/FedDF-code``.
 
 Clients train as in FedAvg and upload their models. The server first
 averages them (FedAvg with the server optimizer). It then distils the
-cohort's ensemble into that average on an unlabeled proxy set: the target is
-the mean of the cohort models' logits (weighted like the average, by example
-count). This runs for ``distill_steps`` Adam steps on random proxy batches at
-temperature ``T``, with a fresh Adam state each round, inside the same
-compiled round. The engine evaluates each client's model *as the server
-receives it* (global + decompressed delta) on the proxy set and averages
-those logits (``aux_from_update``), as a real server would from the uploads.
-They add no uploaded bytes.
+cohort's ensemble into that average on an unlabeled proxy set, inside the
+same compiled round:
+
+* **Target:** the *uniform* mean of the cohort models' logits (the paper's
+  ``avg_logits``: every contributing model counts once, whatever its data
+  size). The engine evaluates each client's model *as the server receives
+  it* (global + decompressed delta) on the proxy set (``aux_from_update``),
+  as a real server would from the uploads; this adds no uploaded bytes.
+* **Loss:** ``T^2 KL(ensemble_T || model_T)``, averaged over the batch
+  (``reduction="batchmean"``; the paper uses ``T = 1``, where ``T^2 = 1``).
+* **Optimizer:** Adam (lr ``distill_lr``, 1e-3 in the paper) with a fresh
+  state every round, the learning rate cosine-annealed to 0 over the step
+  budget, gradients clipped to global norm 5, as in the reference code.
+* **Batches:** passes over the proxy without replacement.
+* **Early stopping:** a held-out validation part of the proxy
+  (``val_fraction``) is checked before distillation and every ``val_every``
+  steps; after ``patience`` checks without improvement the server stops and
+  keeps the best-scoring parameters (possibly the plain average). The score
+  is accuracy when the proxy's labels are known to the server (the
+  reference code validates on a labeled split of the task's training data),
+  otherwise the KL divergence to the ensemble on the validation rows.
+  ``val_fraction = 0`` gives a fixed budget of ``distill_steps`` steps.
+
+The paper's budget is 10^4 steps with validation every 100 and patience
+10^3 (10 checks); the defaults here scale that down to CPU rounds
+(``distill.server_steps``, ``distill.val_every``, ``distill.patience``).
 """
 
 from __future__ import annotations
@@ -21,14 +40,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
 from fedkd_jax.algorithms.fedavg import FedAvgState, local_sgd_algorithm
-from fedkd_jax.algorithms.server_distill import check_proxy, distill_on_proxy, proxy_logits
+from fedkd_jax.algorithms.server_distill import check_proxy, distill_on_proxy, proxy_logits, split_validation
 from fedkd_jax.errors import ConfigError
+from fedkd_jax.losses import kd_loss
 from fedkd_jax.models import Model, Params
 from fedkd_jax.tree_util import tree_bytes
+
+SCHEDULES = ("cosine", "constant")
 
 
 class FedDFState(NamedTuple):
@@ -39,6 +62,15 @@ class FedDFState(NamedTuple):
     proxy: jax.Array
 
 
+def distill_optimizer(lr: float, steps: int, schedule: str, clip_norm: float | None = 5.0) -> optax.GradientTransformation:
+    """FedDF's server optimizer: Adam, cosine-annealed over ``steps``, gradient-norm clipped."""
+    if schedule not in SCHEDULES:
+        raise ConfigError("distill.server_schedule", f"unknown value {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    rate = optax.cosine_decay_schedule(lr, steps) if schedule == "cosine" else lr
+    adam = optax.adam(rate)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adam) if clip_norm else adam
+
+
 def feddf(
     model: Model,
     client_optimizer: optax.GradientTransformation,
@@ -46,31 +78,50 @@ def feddf(
     proxy_x: Any,
     *,
     batch_size: int,
+    proxy_y: Any = None,
     local_epochs: int = 1,
     local_steps: int | None = None,
     distill_steps: int = 50,
     distill_lr: float = 1e-3,
     distill_batch_size: int = 64,
+    schedule: str = "cosine",
+    val_fraction: float = 0.1,
+    val_every: int = 10,
+    patience: int = 2,
     temperature: float = 1.0,
 ) -> FederatedAlgorithm:
-    """Build FedDF; ``proxy_x [P, D]`` is the server's unlabeled proxy data."""
+    """Build FedDF (see the module docstring).
+
+    Args:
+      proxy_x: ``[P, D]`` the server's unlabeled proxy data.
+      proxy_y: optional ``[P]`` labels of the proxy, used only to score the
+        validation rows (early stopping), never to distil.
+      distill_steps: the step budget per round (the most, with early stopping).
+      val_fraction: share of the proxy held out for early stopping (0: none).
+    """
     proxy = check_proxy(proxy_x, model, "feddf")
     if not temperature > 0:
         raise ConfigError("distill.temperature", f"must be > 0; got {temperature}")
     if distill_steps < 1:
         raise ConfigError("distill.server_steps", f"must be a positive integer; got {distill_steps}")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError("distill.val_fraction", f"must be in [0, 1); got {val_fraction}")
+    train_rows, val_rows = split_validation(proxy.shape[0], val_fraction)
+    labels = None if proxy_y is None else jnp.asarray(np.asarray(proxy_y)[val_rows], jnp.int32)
     base = local_sgd_algorithm(
         "feddf", model, client_optimizer, server_optimizer,
         batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps,
     )
-    distill_opt = optax.adam(distill_lr)
+    distill_opt = distill_optimizer(distill_lr, distill_steps, schedule)
 
     def init(key: jax.Array) -> FedDFState:
         s = base.init(key)
         return FedDFState(s.params, s.opt_state, proxy)
 
     def client_update(bcast, cs, data: ClientData, key: jax.Array) -> ClientOutput:
-        return base.client_update(bcast[0], cs, data, key)
+        out = base.client_update(bcast[0], cs, data, key)
+        # the ensemble is the uniform mean over contributing models (avg_logits)
+        return out._replace(aux_weight=(out.weight > 0).astype(jnp.float32))
 
     def aux_from_update(bcast, delta):
         # the server's view of this client's model: global + (decompressed) delta
@@ -79,9 +130,19 @@ def feddf(
 
     def server_update(state: FedDFState, mean_delta, mean_logits, key: jax.Array):
         avg, _ = base.server_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
+        val_score = None
+        if len(val_rows):
+            vx, vt = state.proxy[val_rows], mean_logits[val_rows]
+            if labels is not None:
+                def val_score(p):
+                    return -jnp.mean((jnp.argmax(model.apply(p, vx)[0], -1) == labels).astype(jnp.float32))
+            else:
+                def val_score(p):
+                    return kd_loss(model.apply(p, vx)[0], vt, temperature=temperature)[0]
         params, _, m = distill_on_proxy(
-            model.apply, avg.params, distill_opt.init(avg.params), distill_opt, state.proxy, mean_logits, key,
-            steps=distill_steps, batch_size=distill_batch_size, temperature=temperature,
+            model.apply, avg.params, distill_opt.init(avg.params), distill_opt, state.proxy[train_rows],
+            mean_logits[train_rows], key, steps=distill_steps, batch_size=distill_batch_size,
+            temperature=temperature, val_score=val_score, val_every=val_every, patience=patience,
         )
         return FedDFState(params, avg.opt_state, state.proxy), m
 

@@ -60,8 +60,11 @@ def batch_schedule(
     Epoch mode (``steps is None``): each epoch is a fresh shuffle (key folded
     with the epoch number) cut into ``ceil(M / B)`` batches; the last real batch
     may be partial and the batches after it are empty.
-    Step mode: one shuffle, cycled: step ``s`` takes positions
-    ``s*B .. s*B+B-1`` modulo ``count``.
+    Step mode: the real rows are visited in passes, each pass a fresh shuffle
+    (key folded with the pass number); step ``s`` takes the stream's positions
+    ``s*B .. s*B+B-1``, and position ``p`` is row ``order_{p // count}[p % count]``.
+    A batch spans at most ``ceil(B / count) + 1`` passes, so each step sorts
+    ``B + 1`` candidate orders of ``M`` keys (cheap next to a training step).
 
     Returns:
       ``(idx [S, B] int32, mask [S, B] bool)``.
@@ -77,9 +80,17 @@ def batch_schedule(
 
         idx, mask = jax.vmap(one_epoch)(jnp.arange(epochs))
         return idx.reshape(-1, batch_size), mask.reshape(-1, batch_size)
-    order = epoch_order(key, count, max_examples)
-    pos = jnp.arange(steps * batch_size) % jnp.maximum(count, 1)
-    idx = order[pos].reshape(steps, batch_size)
+    cnt = jnp.maximum(count, 1)
+    num_orders = batch_size + 1
+
+    def one_step(s):
+        pos = s * batch_size + jnp.arange(batch_size)
+        first = (s * batch_size) // cnt
+        orders = jax.vmap(lambda q: epoch_order(jax.random.fold_in(key, q), count, max_examples))(
+            first + jnp.arange(num_orders))
+        return orders[pos // cnt - first, pos % cnt]
+
+    idx = jax.vmap(one_step)(jnp.arange(steps)).astype(jnp.int32)
     mask = jnp.broadcast_to(count > 0, idx.shape)
     return idx, mask
 
@@ -159,15 +170,16 @@ def local_train(
       max_real_steps: optional cap on real steps (stragglers).
 
     Returns:
-      ``(params, {"loss": mean loss over real steps, "steps": real steps})``.
+      ``(params, metrics)``: the loss function's metrics and ``"loss"`` (the
+      optimised loss) averaged over real steps, and ``"steps"``, the real steps.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(carry, xb, yb, where):
         p, opt_state = carry
-        (loss, _), grads = grad_fn(p, xb, yb, where)
+        (loss, aux), grads = grad_fn(p, xb, yb, where)
         updates, opt_state = optimizer.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), {"loss": loss}
+        return (optax.apply_updates(p, updates), opt_state), {**aux, "loss": loss}
 
     (params, _), metrics = scan_batches(
         step, (params, optimizer.init(params)), x, y, count, key,

@@ -10,22 +10,27 @@ from fedkd_jax.data.datasets import (
     validate_dataset,
 )
 from fedkd_jax.data.federated import FederatedData, federate, load_dataset
-from fedkd_jax.data.partition import PARTITIONS, dirichlet, iid, natural, quantity, shards
+from fedkd_jax.data.proxy import PROXY_SOURCES, load_proxy, resize_images
+from fedkd_jax.data.partition import PARTITIONS, dirichlet, dirichlet_client, iid, natural, quantity, shards
 
 __all__ = [
     "DATASETS",
     "PARTITIONS",
+    "PROXY_SOURCES",
     "Dataset",
     "FederatedData",
     "dirichlet",
+    "dirichlet_client",
     "federate",
     "iid",
     "load_dataset",
     "load_digits",
     "load_mnist5k",
     "load_npz",
+    "load_proxy",
     "natural",
     "quantity",
+    "resize_images",
     "shards",
     "synthetic",
     "validate_dataset",

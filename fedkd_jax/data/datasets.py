@@ -9,11 +9,13 @@ partition (FedProx Synthetic, or a user ``.npz`` that carries ``client``).
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
 from fedkd_jax.errors import DataError
+from fedkd_jax.paths import check_npz
 
 DATASETS = ("digits", "mnist5k", "synthetic", "npz")
 
@@ -56,13 +58,18 @@ def load_npz(path: str, *, num_classes: int | None = None) -> Dataset:
         raise DataError("data.path", "dataset 'npz' needs data.path=FILE.npz holding arrays x and y")
     if not os.path.isfile(path):
         raise DataError("data.path", f"no such file: {path!r}")
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("x", "y") if k not in f.files]
-        if missing:
-            raise DataError("data.path", f"{path!r} lacks array(s) {missing}; it has {sorted(f.files)}")
-        x = np.asarray(f["x"])
-        y = np.asarray(f["y"])
-        client = np.asarray(f["client"]) if "client" in f.files else None
+    check_npz("data.path", path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise DataError("data.path", f"{path!r} lacks array(s) {missing}; it has {sorted(f.files)}")
+            x = np.asarray(f["x"])
+            y = np.asarray(f["y"])
+            client = np.asarray(f["client"]) if "client" in f.files else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError("data.path", f"{path!r} could not be read as a .npz archive "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise DataError("data.x", f"expected x [n, ...] and y [n]; got x {x.shape}, y {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):

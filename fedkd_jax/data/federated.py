@@ -26,6 +26,8 @@ class FederatedData:
       global_x: ``[G, D]`` global test features; global_y: ``[G]`` labels.
       proxy_x: ``[P, D]`` unlabeled proxy rows held out for server-side
         distillation (FedDF, server-teacher KD), or ``None``.
+      proxy_y: ``[P]`` their labels when the server may know them (held-out
+        rows of the task; used only for validation or labeled warm-up), or ``None``.
     """
 
     x: np.ndarray
@@ -37,6 +39,7 @@ class FederatedData:
     global_x: np.ndarray
     global_y: np.ndarray
     proxy_x: np.ndarray | None = None
+    proxy_y: np.ndarray | None = None
     num_classes: int = struct.field(pytree_node=False, default=10)
     image_shape: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
     name: str = struct.field(pytree_node=False, default="")
@@ -121,6 +124,8 @@ def federate(
         parts = part_lib.iid(len(pool), num_clients, rng, examples_per_client=examples_per_client)
     elif partition == "dirichlet":
         parts = part_lib.dirichlet(y_pool, num_clients, alpha, rng, min_examples=min_examples)
+    elif partition == "dirichlet_client":
+        parts = part_lib.dirichlet_client(y_pool, num_clients, alpha, rng, examples_per_client=examples_per_client)
     elif partition == "shards":
         parts = part_lib.shards(y_pool, num_clients, shards_per_client, rng)
     elif partition == "quantity":
@@ -157,6 +162,7 @@ def federate(
         global_x=dataset.x[g_idx],
         global_y=dataset.y[g_idx],
         proxy_x=dataset.x[proxy_idx] if len(proxy_idx) else None,
+        proxy_y=dataset.y[proxy_idx] if len(proxy_idx) else None,
         num_classes=dataset.num_classes,
         image_shape=dataset.image_shape,
         name=dataset.name,

@@ -93,8 +93,17 @@ def fedkd_mutual(
 ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array]]:
     """FedKD adaptive mutual distillation on one batch.
 
-    ``L_t = CE_t + KL(y_s || y_t) / (CE_t + CE_s) + H / (CE_t + CE_s)``
-    ``L_s = CE_s + KL(y_t || y_s) / (CE_t + CE_s) + H / (CE_t + CE_s)``
+    ``L_t = CE_t + T^2 KL(y_s || y_t) / (CE_t + CE_s) + H / (CE_t + CE_s)``
+    ``L_s = CE_s + T^2 KL(y_t || y_s) / (CE_t + CE_s) + H / (CE_t + CE_s)``
+
+    with ``y = softmax(logits / T)``. The paper (Wu et al. 2022, Eqs. 1-4)
+    writes the KL terms at temperature 1; at ``T = 1`` the ``T^2`` factor is
+    1 and this is exactly the paper's loss. At ``T > 1`` the ``T^2`` factor
+    (Hinton et al. 2015), as in every other KD term of this package, keeps the
+    soft term's gradient at the scale of ``T = 1``, so a temperature ablation
+    measures the temperature, not a silently shrunken distillation weight.
+    Each KL is summed over classes and averaged over the batch's real rows
+    (PyTorch's ``reduction="batchmean"``).
 
     ``H`` is the MSE between the teacher feature and the projected student
     feature. In each loss the *other* model's outputs are targets
@@ -113,8 +122,9 @@ def fedkd_mutual(
     kl_s = masked_mean(kl_rows(sg(teacher_logits), student_logits, temperature), where)
     h_t = masked_mean(jnp.mean((teacher_features - sg(projected_student)) ** 2, axis=-1), where)
     h_s = masked_mean(jnp.mean((projected_student - sg(teacher_features)) ** 2, axis=-1), where)
-    loss_t = ce_t + w * kl_t + w * h_t
-    loss_s = ce_s + w * kl_s + w * h_s
+    t2 = temperature**2
+    loss_t = ce_t + w * t2 * kl_t + w * h_t
+    loss_s = ce_s + w * t2 * kl_s + w * h_s
     return (loss_t, loss_s), {
         "loss": loss_s,
         "teacher_loss": loss_t,

@@ -27,8 +27,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model
-from fedkd_jax.config import Config, to_dict, to_yaml, validate
+from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model, client_weighting
+from fedkd_jax.config import Config, resolve_defaults, to_dict, to_yaml, validate
+from fedkd_jax.paths import check_writable_dir
 from fedkd_jax.errors import CheckpointError, ConfigError
 from fedkd_jax.engine import Simulator, client_mesh, make_evaluator, make_personal_evaluator, summarize_clients
 from fedkd_jax.run.checkpoint import Checkpointer
@@ -47,6 +48,9 @@ class RunResult:
     resumed_from: int | None = None
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+_NOT_LOGGED = ("weight_sum", "bytes_up_clients", "bytes_down_client", "clients_contributing")
 
 
 def _next_boundary(r: int, every: int) -> int:
@@ -105,6 +109,8 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     is touched.
     """
     validate(cfg)
+    check_writable_dir("--out", out_dir)
+    cfg = resolve_defaults(cfg)
     previous = saved_config(out_dir)
     if cfg.compression.schedule_rounds is None:
         # The SVD energy schedule's horizon is fixed when a run starts, so
@@ -122,7 +128,9 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     model = build_model(cfg, data)
     algorithm = build_algorithm(cfg, model, data)
     sim = Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=client_mesh(r.devices),
-                    group_size=r.group_size, compressor=build_compressor(cfg))
+                    group_size=r.group_size, compressor=build_compressor(cfg),
+                    downlink=build_compressor(cfg, downlink=True), weighting=client_weighting(cfg),
+                    straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode)
     evaluate = _evaluator(algorithm)
 
     dev_data = sim.put_data(data)
@@ -158,7 +166,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     wall0 = float(last.get("wall_time", 0.0))
     last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
 
-    bytes_up, bytes_down = sim.round_bytes()
+    _, bytes_down = sim.round_bytes()
     show = r.progress if progress is None else progress
     bar = tqdm(total=r.rounds, initial=min(done, r.rounds), unit="round", disable=not show, dynamic_ncols=True,
                desc=f"{cfg.algorithm}/{cfg.data.dataset}")
@@ -191,16 +199,16 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                 rows = []
                 for i in range(n):
                     row = {"round": done + i + 1}
-                    row.update({k: float(v[i]) for k, v in m.items()
-                                if k not in ("weight_sum", "bytes_up", "bytes_up_clients")})
+                    row.update({k: float(v[i]) for k, v in m.items() if k not in _NOT_LOGGED})
+                    row["clients_contributing"] = int(m["clients_contributing"][i])
                     row["round_time"] = dt / n
-                    if "bytes_up_clients" in m:
-                        row["bytes_up"] = int(np.asarray(m["bytes_up_clients"][i], np.int64).sum())
+                    row["bytes_up"] = int(np.asarray(m["bytes_up_clients"][i], np.int64).sum())
+                    if "bytes_down_client" in m:  # downlink compression: the payload each cohort client receives
+                        row["bytes_down"] = r.cohort_size * int(m["bytes_down_client"][i])
                     else:
-                        row["bytes_up"] = bytes_up
-                    row["bytes_down"] = bytes_down
+                        row["bytes_down"] = bytes_down
                     cum_up += row["bytes_up"]
-                    cum_down += bytes_down
+                    cum_down += row["bytes_down"]
                     row["cum_bytes_up"], row["cum_bytes_down"] = cum_up, cum_down
                     rows.append(row)
                 done += n

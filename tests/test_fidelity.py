@@ -1,0 +1,291 @@
+"""The algorithms behave as their papers say (issue: faithful algorithms).
+
+Each expected value is computed independently: by a per-client loop, numpy's
+SVD, or by counting.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedkd_jax as fk
+from fedkd_jax.algorithms import feddf, fedkd, fedprox, server_teacher_kd
+from fedkd_jax.algorithms.base import FULL_WORK, STRAGGLER, ClientData
+from fedkd_jax.engine import client_key, round_key, sample_cohort
+from fedkd_jax.engine.simulator import straggler_flags
+
+STUDENT = dict(num_features=64, num_classes=10, hidden=(16,))
+TEACHER = dict(num_features=64, num_classes=10, hidden=(32,))
+
+
+@pytest.fixture(scope="module")
+def fd(digits):
+    return fk.federate(digits, partition="dirichlet", num_clients=16, seed=0, alpha=0.3, proxy_fraction=0.1)
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ------------------------------------------------------------- empty rounds
+def test_empty_round_leaves_server_bit_identical_and_reports_nan(fd):
+    model = fk.make_model("mlp", **STUDENT)
+    alg = fk.fedavg(model, optax.sgd(0.1), fk.algorithms.server_optimizer("fedadam"), batch_size=8)
+    sim = fk.Simulator(alg, fd, cohort_size=6, mesh=fk.client_mesh(2), straggler_fraction=1.0)
+    state = sim.put_state(sim.init(0))
+    new, m = sim.step(state, sim.put_data(fd))
+    assert _leaves_equal(state.server, new.server)  # params *and* Adam moments / step count
+    assert int(new.round) == 1
+    assert np.isnan(float(m["train_loss"])) and np.isnan(float(m["client_accuracy"]))
+    assert int(m["clients_contributing"]) == 0
+    assert int(np.sum(m["bytes_up_clients"])) == 0
+
+
+def test_dropped_stragglers_upload_nothing_and_the_rest_count_exactly(fd):
+    model = fk.make_model("mlp", **STUDENT)
+    alg = fk.fedavg(model, optax.sgd(0.1), optax.sgd(1.0), batch_size=8)
+    sim = fk.Simulator(alg, fd, cohort_size=10, mesh=fk.client_mesh(1), straggler_fraction=0.3)
+    _, m = sim.run(sim.init(0), sim.put_data(fd), 3)
+    per_client = fk.engine.tree_bytes(model.init(jax.random.key(0)))
+    for r in range(3):
+        assert int(m["clients_contributing"][r]) == 7
+        assert sorted(np.asarray(m["bytes_up_clients"][r]).tolist()) == [0] * 3 + [per_client] * 7
+
+
+def test_run_log_of_empty_rounds_has_no_zero_loss(tmp_path):
+    from fedkd_jax.config import load_config
+    from fedkd_jax.run import read_jsonl, run_experiment
+
+    cfg = load_config(None, ["algorithm=fedavg", "data.num_clients=10", "run.cohort_size=4", "run.rounds=3",
+                             "run.eval_every=3", "run.devices=1", "client.straggler_fraction=1.0"])
+    out = tmp_path / "run"
+    run_experiment(cfg, str(out), progress=False)
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["train_loss"] is None and r["clients_contributing"] == 0 and r["bytes_up"] == 0
+
+
+# --------------------------------------------------------------- stragglers
+def test_straggler_count_is_exact_every_round():
+    key = jax.random.key(3)
+    for frac, cohort in ((0.5, 10), (0.9, 10), (0.25, 10), (0.3, 7)):
+        expect = round(frac * cohort)  # Python's round, as FedProx's reference code
+        for r in range(20):
+            flags = np.asarray(straggler_flags(round_key(key, r), cohort, cohort + 2, frac, "fixed"))
+            assert (flags[:cohort] == STRAGGLER).sum() == expect, (frac, cohort, r)
+            assert (flags[cohort:] == FULL_WORK).all()  # padding never straggles
+
+
+def test_no_straggler_does_full_work():
+    steps = jax.jit(jax.vmap(fk.algorithms.straggler_steps, in_axes=(0, None, None)))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(400))
+    for full in (2, 3, 7):
+        got = np.asarray(steps(keys, STRAGGLER, full))
+        assert got.min() == 1 and got.max() == full - 1  # uniform over 1 .. full-1, all reached
+        assert (np.asarray(steps(keys, FULL_WORK, full)) == full).all()
+    assert (np.asarray(steps(keys, STRAGGLER, 1)) == 0).all()  # no partial amount of a single step
+
+
+def test_fedprox_keeps_partial_work_of_exactly_the_stragglers(fd):
+    model = fk.make_model("mlp", **STUDENT)
+    alg = fedprox(model, optax.sgd(0.1), optax.sgd(1.0), mu=0.01, batch_size=4, local_epochs=2)
+    sim = fk.Simulator(alg, fd, cohort_size=8, mesh=fk.client_mesh(1), straggler_fraction=0.5)
+    state = sim.init(0)
+    _, m = sim.step(state, sim.put_data(fd))
+    assert int(m["clients_contributing"]) == 8  # FedProx keeps everyone
+    rkey = round_key(state.key, state.round)
+    cohort = np.asarray(sample_cohort(rkey, fd.num_clients, 8))
+    flags = np.asarray(straggler_flags(rkey, 8, 8, 0.5, "fixed"))
+    full = np.asarray(fk.algorithms.real_steps(jnp.asarray(fd.counts[cohort]), fd.max_examples, 4, epochs=2))
+    # the loop's reference: each straggler's own draw, strictly below full
+    capped = [int(fk.algorithms.straggler_steps(client_key(rkey, int(c)), int(f), int(n)))
+              for c, f, n in zip(cohort, flags, full)]
+    assert all(c < n for c, n, f in zip(capped, full, flags) if f == STRAGGLER)
+    w = fd.counts[cohort].astype(np.float64)
+    np.testing.assert_allclose(float(m["client_steps"]), (w * capped).sum() / w.sum(), rtol=1e-5)
+
+
+# ------------------------------------------------------------------- FedDF
+def test_feddf_target_is_the_uniform_mean_of_the_cohorts_logits(fd):
+    model = fk.make_model("mlp", **STUDENT)
+    base = feddf(model, optax.sgd(0.1), optax.sgd(1.0), fd.proxy_x, batch_size=8, distill_steps=5)
+    alg = base._replace(server_update=lambda state, md, ml, key: (state, {"target": ml}))
+    sim = fk.Simulator(alg, fd, cohort_size=6, mesh=fk.client_mesh(2))
+    state = sim.init(0)
+    _, m = sim.step(state, sim.put_data(fd))
+    rkey = round_key(state.key, state.round)
+    cohort = np.asarray(sample_cohort(rkey, fd.num_clients, 6))
+    params = state.server.params
+    logits = []
+    for c in cohort:  # the server's view of each upload, one client at a time
+        cd = ClientData(jnp.asarray(fd.x[c]), jnp.asarray(fd.y[c]), jnp.asarray(fd.counts[c]), 0)
+        out = alg.client_update((params, state.server.proxy), (), cd, client_key(rkey, int(c)))
+        new = jax.tree.map(jnp.add, params, out.update)
+        logits.append(np.asarray(model.apply(new, jnp.asarray(fd.proxy_x))[0], np.float64))
+    uniform = np.mean(logits, axis=0)
+    np.testing.assert_allclose(np.asarray(m["server_target"]), uniform, atol=1e-4)
+    weighted = np.average(logits, axis=0, weights=fd.counts[cohort])
+    assert np.abs(weighted - uniform).max() > 1e-2  # the two weightings differ here
+
+
+def test_feddf_batches_cover_the_proxy_without_replacement_each_pass():
+    from fedkd_jax.algorithms.server_distill import pass_batches
+
+    key = jax.random.key(0)
+    n, b = 23, 5  # 5 batches per pass, the last holds 3 rows
+    for q in range(3):
+        rows = []
+        for j in range(5):
+            idx, mask = pass_batches(key, jnp.int32(q * 5 + j), n, b)
+            rows += np.asarray(idx)[np.asarray(mask)].tolist()
+        assert sorted(rows) == list(range(n)), q
+
+
+def test_feddf_early_stopping_keeps_the_best_validated_model(fd):
+    from fedkd_jax.algorithms.server_distill import distill_on_proxy
+
+    model = fk.make_model("mlp", **STUDENT)
+    p0 = model.init(jax.random.key(1))
+    target = model.apply(model.init(jax.random.key(2)), jnp.asarray(fd.proxy_x))[0]
+    opt = optax.adam(1e-2)
+    calls = []
+
+    # a validation score that gets worse after the start: the start must be kept
+    def score(p):
+        d = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p0)))
+        return d
+
+    params, _, m = distill_on_proxy(model.apply, p0, opt.init(p0), opt, jnp.asarray(fd.proxy_x), target,
+                                    jax.random.key(3), steps=200, batch_size=16, temperature=1.0,
+                                    val_score=score, val_every=10, patience=3)
+    del calls
+    assert _leaves_equal(params, p0)
+    assert float(m["distill_steps"]) == 30.0  # 3 checks without improvement, then stop
+
+
+# -------------------------------------------------------------------- FedKD
+def test_fedkd_downlink_bytes_equal_the_compressed_factors(fd):
+    s = fk.make_model("mlp", **STUDENT)
+    t = fk.make_model("mlp", **TEACHER)
+    alg = fedkd(s, t, optax.sgd(0.1), optax.sgd(0.1), optax.sgd(1.0), batch_size=8)
+    thr = 0.7
+    down = fk.compression.make_compressor("svd", rounds=10, energy_start=thr, energy_end=thr)
+    plain = fk.Simulator(alg, fd, cohort_size=5, mesh=fk.client_mesh(1))
+    comp = fk.Simulator(alg, fd, cohort_size=5, mesh=fk.client_mesh(1), downlink=down)
+    state = plain.init(0)
+    data = plain.put_data(fd)
+    exact, _ = plain.step(state, data)
+    sent, m = comp.step(state, data)
+    expect_bytes = 0
+    for old, new, got in zip(jax.tree.leaves(state.server.params), jax.tree.leaves(exact.server.params),
+                             jax.tree.leaves(sent.server.params)):
+        delta = np.asarray(new, np.float64) - np.asarray(old, np.float64)
+        if delta.ndim == 2:
+            u, sv, vt = np.linalg.svd(delta, full_matrices=False)
+            energy = np.cumsum(sv**2) / np.sum(sv**2)
+            k = int(np.argmax(energy >= thr * (1 - 1e-6))) + 1
+            m_, n_ = delta.shape
+            if k * (m_ + n_ + 1) < m_ * n_ and k < len(sv):
+                expect_bytes += 4 * k * (m_ + n_ + 1)
+                recon = (u[:, :k] * sv[:k]) @ vt[:k]
+            else:
+                expect_bytes += 4 * m_ * n_
+                recon = delta
+        else:
+            expect_bytes += 4 * delta.size
+            recon = delta
+        np.testing.assert_allclose(np.asarray(got) - np.asarray(old), recon, atol=1e-5)
+    assert int(m["bytes_down_client"]) == expect_bytes
+    assert expect_bytes < fk.engine.tree_bytes(state.server.params)  # something was compressed
+
+
+# ------------------------------------------------------- server-teacher KD
+def test_server_teacher_is_not_a_target_before_warmup(fd):
+    s = fk.make_model("mlp", **STUDENT)
+    t = fk.make_model("mlp", **TEACHER)
+    alg = server_teacher_kd(s, t, optax.sgd(0.1), optax.sgd(1.0), fd.proxy_x, alpha=0.5, temperature=2.0,
+                            batch_size=8, distill_steps=5, warmup="rounds", warmup_rounds=2)
+    sim = fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(1))
+    _, m = sim.run(sim.init(0), sim.put_data(fd), 3)
+    loss, ce = np.asarray(m["train_loss"]), np.asarray(m["client_ce"])
+    np.testing.assert_allclose(loss[:2], ce[:2], rtol=1e-6)  # alpha = 1 while warming up
+    assert abs(loss[2] - ce[2]) > 1e-3  # the KD term joins once the teacher had 2 updates
+
+
+def test_server_teacher_labeled_warmup_trains_the_teacher_before_round_zero(fd):
+    s = fk.make_model("mlp", **STUDENT)
+    t = fk.make_model("mlp", **TEACHER)
+    alg = server_teacher_kd(s, t, optax.sgd(0.1), optax.sgd(1.0), fd.proxy_x, alpha=0.5, temperature=2.0,
+                            batch_size=8, distill_steps=5, warmup="labeled", warmup_steps=150,
+                            proxy_y=fd.proxy_y)
+    state = jax.jit(alg.init)(jax.random.key(0))
+    ev = fk.engine.make_evaluator(t.apply)(state.teacher, fd)
+    assert float(ev["test_accuracy"]) > 0.6  # a random teacher scores about 0.1
+    assert bool(alg.broadcast(state)[3])  # usable as a target from round 0
+
+
+# ---------------------------------------------------------------- defaults
+def test_server_optimizer_defaults_follow_reddi_and_explicit_values_win():
+    from fedkd_jax.algorithms import SERVER_DEFAULTS, server_optimizer
+    from fedkd_jax.config import load_config, resolve_defaults
+
+    params = {"w": jnp.ones(3)}
+    g = {"w": jnp.array([0.5, -2.0, 0.0])}
+
+    def first_update(opt):
+        return np.asarray(opt.update(g, opt.init(params), params)[0]["w"])
+
+    np.testing.assert_allclose(first_update(server_optimizer("fedadam")),
+                               first_update(optax.adam(1e-2, b1=0.9, b2=0.99, eps=1e-3)), rtol=1e-6)
+    np.testing.assert_allclose(first_update(server_optimizer("fedyogi", lr=0.3)),
+                               first_update(optax.yogi(0.3, b1=0.9, b2=0.99, eps=1e-3)), rtol=1e-6)
+    assert SERVER_DEFAULTS["fedavgm"]["momentum"] == 0.9
+    cfg = resolve_defaults(load_config(None, ["server.optimizer=fedadam"]))
+    assert (cfg.server.lr, cfg.server.tau, cfg.server.b2) == (1e-2, 1e-3, 0.99)
+    cfg = resolve_defaults(load_config(None, ["server.optimizer=fedadam", "server.lr=0.05"]))
+    assert cfg.server.lr == 0.05
+
+
+# -------------------------------------------------------------- partitions
+def test_dirichlet_client_gives_equal_sizes_and_skewed_classes(digits):
+    rng = np.random.default_rng(0)
+    y = digits.y
+    parts = fk.data.dirichlet_client(y, 20, 0.1, rng)
+    size = len(y) // 20
+    assert all(len(p) == size for p in parts)
+    allrows = np.concatenate(parts)
+    assert len(np.unique(allrows)) == len(allrows)  # without replacement
+    top_share = np.mean([np.bincount(y[p], minlength=10).max() / size for p in parts])
+    assert top_share > 0.6  # alpha = 0.1: clients hold few classes
+    iidish = fk.data.dirichlet_client(y, 20, 1000.0, np.random.default_rng(0))
+    assert np.mean([np.bincount(y[p], minlength=10).max() / size for p in iidish]) < 0.25
+
+
+def test_local_steps_mode_reshuffles_every_pass():
+    from fedkd_jax.algorithms import batch_schedule
+
+    count, b = 6, 3  # two steps per pass
+    idx, mask = batch_schedule(jax.random.key(0), jnp.int32(count), 8, b, steps=12)
+    idx = np.asarray(idx)
+    assert mask.all()
+    passes = idx.reshape(6, count)  # 6 passes of the 6 real rows
+    for p in passes:
+        assert sorted(p.tolist()) == list(range(count))  # each pass visits every real row once
+    assert len({tuple(p) for p in passes}) > 1  # and the order changes between passes
+    # a batch larger than the client spans several passes, each still a permutation
+    idx, _ = batch_schedule(jax.random.key(1), jnp.int32(2), 8, 5, steps=2)
+    flat = np.asarray(idx).reshape(-1)
+    for q in range(5):
+        assert sorted(flat[2 * q:2 * q + 2].tolist()) == [0, 1]
+
+
+# ------------------------------------------------------------------- proxy
+def test_out_of_domain_proxy_is_resized_to_the_task(digits):
+    px = fk.data.load_proxy("mnist5k", num_features=64, image_shape=(8, 8, 1), size=50, seed=0)
+    assert px.shape == (50, 64) and px.dtype == np.float32
+    assert 0.0 <= px.min() and px.max() <= 1.0 + 1e-5 and px.std() > 0.05
+    noise = fk.data.load_proxy("noise", num_features=64, image_shape=None, size=10, seed=0)
+    assert noise.shape == (10, 64)
