@@ -25,7 +25,9 @@ import shutil
 import tempfile
 import time
 
-import fedkd_jax as fk  # sets the CPU device count before JAX starts
+import fedkd_jax as fk
+
+fk.configure_cpu_devices()  # one CPU device per core, before JAX starts
 
 import jax
 import numpy as np
@@ -53,24 +55,24 @@ def main() -> None:
     data = build_data(cfg)
     model = build_model(cfg, data)
     alg = build_algorithm(cfg, model, data)
-    sim = fk.Simulator(alg, data, cohort_size=args.cohort, compressor=build_compressor(cfg))
-    dev = sim.put_data(data)
+    sim = fk.Simulator(alg, data, cohort_size=args.cohort, compressor=build_compressor(cfg),
+                       downlink=build_compressor(cfg, downlink=True), store="host")
+    dev = sim.put_data()
     init = sim.put_state(sim.init(0))
-    store_mb = fk.engine.tree_bytes(init.clients) / 1e6
+    store_mb = sim.store.per_client_bytes * data.num_clients / 1e6
     sim.run(init, dev, args.every)  # compile
 
     def train(checkpoint_dir: str | None):
-        ckpt = Checkpointer(checkpoint_dir, keep=3, num_clients=data.num_clients) if checkpoint_dir else None
+        sim.reset_store()
+        ckpt = Checkpointer(checkpoint_dir, keep=3, store=sim.store) if checkpoint_dir else None
         if ckpt:
             ckpt.start_fresh()
-        state, dirty = init, []
+        state = init
         t0 = time.perf_counter()
         for r in range(args.every, args.rounds + 1, args.every):
             state, m = sim.run(state, dev, args.every)
-            dirty.append(np.asarray(m["cohort"]).reshape(-1))
             if ckpt:
-                ckpt.save(r, state, np.unique(np.concatenate(dirty)))
-                dirty = []
+                ckpt.save(r, state)
         if ckpt:
             ckpt.wait()  # the last save's cost counts too
         seconds = time.perf_counter() - t0
@@ -90,11 +92,13 @@ def main() -> None:
         writer_cpu.append(ckpt.store.writer_cpu_seconds)
         if rep < args.repeats - 1:
             ckpt.close()
+    final_clients = jax.device_get(sim.client_states(final.key))
+    sim.reset_store()
     t = time.perf_counter()
     restored, step = ckpt.restore_latest(init)
     restore_s = time.perf_counter() - t
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(final.clients)),
-                                                    jax.tree.leaves(jax.device_get(restored.clients))))
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final_clients),
+                                                    jax.tree.leaves(jax.device_get(sim.client_states(restored.key)))))
     files = sorted(os.listdir(ckpt.store_dir))
     disk_mb = sum(os.path.getsize(os.path.join(ckpt.store_dir, f)) for f in files) / 1e6
     ckpt.close()
@@ -103,7 +107,7 @@ def main() -> None:
     full_dir = os.path.join(tmp, "full")
     mngr = ocp.CheckpointManager(full_dir)
     t = time.perf_counter()
-    mngr.save(args.rounds, args=ocp.args.StandardSave(final))
+    mngr.save(args.rounds, args=ocp.args.StandardSave({"state": final, "clients": final_clients}))
     mngr.wait_until_finished()
     full_s = time.perf_counter() - t
     mngr.close()

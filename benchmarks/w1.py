@@ -23,7 +23,9 @@ import os
 import platform
 import time
 
-import fedkd_jax as fk  # sets the CPU device count before JAX starts
+import fedkd_jax as fk
+
+fk.configure_cpu_devices()  # one CPU device per core, before JAX starts
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +64,7 @@ def bench_engine(fd, cohort: int, rounds: int, group_size: int):
     model = fk.make_model("mlp", num_features=784, num_classes=10, hidden=HIDDEN)
     alg = fk.fedavg(model, optax.sgd(LR), optax.sgd(1.0), batch_size=BATCH, local_epochs=1)
     sim = fk.Simulator(alg, fd, cohort_size=cohort, group_size=group_size)
-    data = sim.put_data(fd)
+    data = sim.put_data()
     state = sim.put_state(sim.init(0))
     t = time.perf_counter()
     sim.lower(state, data).compile()
@@ -73,7 +75,7 @@ def bench_engine(fd, cohort: int, rounds: int, group_size: int):
         t = time.perf_counter()
         state, m = sim.step(state, data)
         times.append(time.perf_counter() - t)
-    ev = fk.engine.make_evaluator(model.apply)(alg.model_params(state.server), data)
+    ev = fk.engine.make_evaluator(model.apply)(alg.model_params(state.server), sim.eval_data())
     return float(np.median(times)), compile_s, float(ev["test_accuracy"]), rounds + 1
 
 
@@ -100,8 +102,9 @@ def bench_hand_loop(fd, cohort: int, rounds: int):
         return jax.tree.map(lambda *a: sum(a) / len(a), *ps)
 
     dev = jax.devices()[0]
-    xs = jax.device_put(jnp.asarray(fd.x[:, :EPC]), dev)
-    ys = jax.device_put(jnp.asarray(fd.y[:, :EPC]), dev)
+    rows = fd.row_table(np.arange(fd.num_clients))[:, :EPC]  # each client's own padded copy, as a user would
+    xs = jax.device_put(jnp.asarray(fd.x[rows]), dev)
+    ys = jax.device_put(jnp.asarray(fd.y[rows]), dev)
     params = jax.device_put(model.init(jax.random.key(0)), dev)
     rng = np.random.default_rng(0)
     steps = EPC // BATCH

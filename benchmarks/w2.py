@@ -25,12 +25,14 @@ import json
 import os
 import time
 
-import fedkd_jax as fk  # sets the CPU device count before JAX starts
+import fedkd_jax as fk
+
+fk.configure_cpu_devices()  # one CPU device per core, before JAX starts
 
 import jax
 import numpy as np
 
-from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model
+from fedkd_jax.builders import client_weighting, build_algorithm, build_compressor, build_data, build_model
 from fedkd_jax.config import load_config
 from fedkd_jax.engine import make_evaluator, make_personal_evaluator, summarize_clients
 
@@ -59,21 +61,25 @@ def run_method(name: str, rounds: int, seed: int) -> dict:
     data = build_data(cfg)
     model = build_model(cfg, data)
     alg = build_algorithm(cfg, model, data)
-    sim = fk.Simulator(alg, data, cohort_size=cfg.run.cohort_size, compressor=build_compressor(cfg))
-    dev = sim.put_data(data)
+    sim = fk.Simulator(alg, data, cohort_size=cfg.run.cohort_size, compressor=build_compressor(cfg),
+                       downlink=build_compressor(cfg, downlink=True), weighting=client_weighting(cfg))
+    dev = sim.put_data()
     state = sim.put_state(sim.init(seed))
     t = time.perf_counter()
     sim.lower(state, dev).compile()
     compile_s = time.perf_counter() - t
-    times, up = [], []
+    times, up, down = [], [], []
     for r in range(rounds):
         t = time.perf_counter()
         state, m = sim.step(state, dev)
         times.append(time.perf_counter() - t)
-        up.append(float(m["bytes_up"]) if "bytes_up" in m else sim.round_bytes()[0])
-    ev = make_evaluator(model.apply)(alg.model_params(state.server), dev)
+        up.append(float(np.asarray(m["bytes_up_clients"]).sum()))
+        down.append(cfg.run.cohort_size * float(m["bytes_down_client"]) if "bytes_down_client" in m
+                    else sim.round_bytes()[1])
+    evd = sim.eval_data()
+    ev = make_evaluator(model.apply)(alg.model_params(state.server), evd)
     if alg.personal_model is not None:
-        local = make_personal_evaluator(alg.personal_model.apply)(alg.personal_params(state.clients), dev)
+        local = make_personal_evaluator(alg.personal_model.apply)(alg.personal_params(sim.client_states(state.key)), evd)
     else:
         local = ev["client_accuracy"]
     local_summary = summarize_clients(np.asarray(local), prefix="local")
@@ -87,7 +93,7 @@ def run_method(name: str, rounds: int, seed: int) -> dict:
         "bytes_up_per_round": float(np.mean(up)),
         "bytes_up_first_round": up[0],
         "bytes_up_last_round": up[-1],
-        "bytes_down_per_round": sim.round_bytes()[1],
+        "bytes_down_per_round": float(np.mean(down)),
     }
 
 

@@ -34,7 +34,9 @@ def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, re
              runs_dir: str | None = None, extract: Callable[[list[dict]], dict] | None = None) -> list[dict]:
     """Run every ``(labels, overrides)`` cell; return one row of labels + final metrics per run
     (plus ``extract(metrics_rows)`` when given, e.g. rounds to a target accuracy)."""
-    import fedkd_jax  # noqa: F401  (sets the device count before JAX starts)
+    import fedkd_jax
+
+    fedkd_jax.configure_cpu_devices()  # one CPU device per core, before JAX starts
     from fedkd_jax.config import load_config
     from fedkd_jax.run import read_jsonl, run_experiment
 

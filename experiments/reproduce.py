@@ -53,7 +53,7 @@ MCMAHAN_TARGET = 0.90
 
 
 def mcmahan_cells(args):
-    rounds = 10 if args.quick else 400
+    rounds = 10 if args.quick else 500
     for e in (1, 5):
         for split in ("iid", "shards"):
             for seed in seeds_of(args):

@@ -1,20 +1,18 @@
 """fedkd_jax: a JAX-accelerated simulator for federated knowledge distillation.
 
-Importing the package exposes the machine's CPU cores as JAX devices (unless
-JAX already started or the user chose a count): see
-:func:`fedkd_jax.engine.configure_cpu_devices`.
+Importing the package configures nothing in JAX. Entry points (the ``fedkd``
+CLI, the scripts) call :func:`configure_cpu_devices` to expose the machine's
+cores as devices before JAX starts; call it yourself first in a script that
+wants that.
 """
 
+from fedkd_jax import algorithms, compression, data, engine, losses, models, store
 from fedkd_jax._devices import configure_cpu_devices
-
-configure_cpu_devices()
-
-from fedkd_jax import algorithms, compression, data, engine, losses, models  # noqa: E402
-from fedkd_jax.algorithms import FederatedAlgorithm, fedavg  # noqa: E402
-from fedkd_jax.data import FederatedData, federate  # noqa: E402
-from fedkd_jax.engine import SimState, Simulator, client_mesh  # noqa: E402
-from fedkd_jax.errors import ConfigError, DataError, FedKDError  # noqa: E402
-from fedkd_jax.models import Model, make_model  # noqa: E402
+from fedkd_jax.algorithms import FederatedAlgorithm, fedavg
+from fedkd_jax.data import FederatedData, federate
+from fedkd_jax.engine import SimState, Simulator, client_mesh
+from fedkd_jax.errors import ConfigError, DataError, FedKDError
+from fedkd_jax.models import Model, make_model
 
 __version__ = "0.1.0"
 
@@ -38,4 +36,5 @@ __all__ = [
     "losses",
     "make_model",
     "models",
+    "store",
 ]

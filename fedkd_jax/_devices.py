@@ -1,11 +1,11 @@
-"""CPU device count, set before anything initialises JAX's backends.
+"""CPU device count, set by entry points before anything initialises JAX's backends.
 
 On CPU, XLA exposes one device by default and spends much of a small model's
 step synchronising its intra-op thread pool. Exposing each core as a device
-and sharding the cohort over them is where CPU speed comes from, so
-:func:`configure_cpu_devices` does that by default. It must run before JAX
-initialises its backends (the first ``jax.devices()`` or array creation), so
-this module imports nothing but jax.
+and sharding the cohort over them is where CPU speed comes from, so the CLI,
+:func:`fedkd_jax.run` and the scripts call :func:`configure_cpu_devices`
+first. ``import fedkd_jax`` itself configures nothing, so a multi-host job
+can call ``jax.distributed.initialize`` before any device is touched.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import jax
 # took 262 ms with OpenBLAS's default threads and 113 ms with one. A value
 # the user set is kept.
 _USER_BLAS_THREADS = "OPENBLAS_NUM_THREADS" in os.environ
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def limit_blas_threads() -> None:
@@ -41,33 +40,29 @@ def _user_chose_device_count() -> bool:
     return int(jax.config.jax_num_cpu_devices) != -1
 
 
-def backends_initialized() -> bool:
-    from jax._src import xla_bridge
-
-    return bool(xla_bridge.backends_are_initialized())
-
-
 def configure_cpu_devices(num_devices: int | None = None) -> int | None:
     """Expose ``num_devices`` CPU devices (default: ``FEDKD_CPU_DEVICES`` or the core count).
 
     Without an explicit count this defers to a count the user already chose
-    (``jax_num_cpu_devices`` or ``XLA_FLAGS``). Once backends are initialised the
-    count cannot change: an explicit request that differs only warns.
+    (``jax_num_cpu_devices`` or ``XLA_FLAGS``). Once JAX's backends have
+    started the count cannot change: an explicit request that differs only warns.
 
     Returns:
       The count now requested, or ``None`` if left unchanged.
     """
-    if backends_initialized():
-        if num_devices is not None and jax.default_backend() == "cpu" and num_devices != jax.device_count():
-            warnings.warn(
-                f"JAX already started with {jax.device_count()} CPU devices; cannot switch to {num_devices}. "
-                "Call fedkd_jax.configure_cpu_devices before any JAX computation.",
-                stacklevel=2,
-            )
-        return None
     if num_devices is None:
         if _user_chose_device_count():
             return None
         num_devices = int(os.environ.get("FEDKD_CPU_DEVICES", os.cpu_count() or 1))
-    jax.config.update("jax_num_cpu_devices", max(1, int(num_devices)))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        jax.config.update("jax_num_cpu_devices", max(1, int(num_devices)))
+    except RuntimeError:  # backends already started: the count is fixed
+        if jax.default_backend() == "cpu" and num_devices != jax.local_device_count():
+            warnings.warn(
+                f"JAX already started with {jax.local_device_count()} CPU devices; cannot switch to {num_devices}. "
+                "Call fedkd_jax.configure_cpu_devices before any JAX computation.",
+                stacklevel=2,
+            )
+        return None
     return num_devices

@@ -2,6 +2,7 @@
 
     fedkd run [--config FILE] [--set section.key=value ...] [--out DIR]
     fedkd resume RUN_DIR [--set run.rounds=N ...]
+    fedkd launch --processes N [--devices-per-process K] [--timeout S] -- run ...
 """
 
 from __future__ import annotations
@@ -26,14 +27,36 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="change a setting that does not alter results, e.g. --set run.rounds=2000")
     res.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    lau = sub.add_parser("launch", help="run one job as N processes on 127.0.0.1 (jax.distributed)")
+    lau.add_argument("--processes", type=int, required=True, help="number of processes (>= 1)")
+    lau.add_argument("--devices-per-process", type=int, default=None,
+                     help="CPU devices each process exposes (default: cores / processes)")
+    lau.add_argument("--timeout", type=float, default=60.0, help="seconds to reach the coordinator (default 60)")
+    lau.add_argument("cmd", nargs=argparse.REMAINDER, help="-- run|resume ... (the fedkd command to run)")
     return p
+
+
+def _launch(args) -> int:
+    from fedkd_jax.errors import FedKDError
+    from fedkd_jax.launch import launch
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if command[:1] == ["run"] and "--out" not in command and not any(c.startswith("--out=") for c in command):
+        command = [*command, "--out", os.path.join("runs", f"launch-{time.strftime('%Y%m%d-%H%M%S')}")]
+    per = args.devices_per_process or max(1, (os.cpu_count() or 1) // max(args.processes, 1))
+    try:
+        return launch(args.processes, command, devices_per_process=per, timeout=args.timeout)
+    except FedKDError as e:
+        print(f"fedkd: error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Import after parsing so `fedkd --help` is fast; fedkd_jax's import only sets
-    # the CPU device count, it does not start JAX.
-    from fedkd_jax import configure_cpu_devices
+    if args.command == "launch":
+        return _launch(args)
+    # Import after parsing so `fedkd --help` is fast; importing fedkd_jax does not start JAX.
+    from fedkd_jax import configure_cpu_devices, distributed
     from fedkd_jax.config import load_config
     from fedkd_jax.errors import FedKDError
     from fedkd_jax.paths import check_run_dir, check_writable_dir
@@ -48,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             out = args.out or os.path.join("runs", f"{cfg.algorithm}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         check_writable_dir("--out" if args.command == "run" else "run_dir", out)
-        configure_cpu_devices(cfg.run.devices)
+        joining = bool(os.environ.get(distributed.ENV_COORDINATOR)) or distributed.cluster_detected()
+        # In a multi-process job each process exposes its own cores; run.devices sizes the global mesh.
+        configure_cpu_devices(None if joining else cfg.run.devices)
+        distributed.initialize()
         result = run_experiment(cfg, out, progress=not args.no_progress and cfg.run.progress)
     except FedKDError as e:
         print(f"fedkd: error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_primary():
+        return 0
     for note in result.notes:
         print(f"fedkd: warning: {note}", file=sys.stderr)
     if result.resumed_from is not None:

@@ -24,6 +24,7 @@ from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
 from fedkd_jax.paths import check_input_file, check_npz
+from fedkd_jax.store import STORES
 
 
 @dataclass
@@ -123,8 +124,12 @@ class RunConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     devices: Optional[int] = None  # devices on the clients mesh (default: all; CPU: one per core)
-    group_size: int = 1  # clients vmapped together per device (1 is fastest on CPU)
+    group_size: str = "auto"  # clients vmapped together per device: auto (1 on CPU, wider on GPU/TPU) or an integer
     progress: bool = True
+    client_store: str = "auto"  # per-client state: auto | device | host | disk
+    memory_budget_gb: Optional[float] = None  # for client_store=auto (default: half the machine's memory)
+    store_dir: Optional[str] = None  # disk store directory (default: <run dir>/client-store)
+    eval_clients: Optional[int] = 10000  # per-client accuracy on at most this many clients (a fixed sample)
 
 
 @dataclass
@@ -151,6 +156,20 @@ def downlink_method(cfg: Config) -> str:
     (Wu et al. 2022 compress both directions); other algorithms send it dense."""
     m = cfg.compression.downlink
     return (compression_method(cfg) if cfg.algorithm == "fedkd" else "none") if m == "auto" else m
+
+
+def group_size_value(value: str | int) -> int | None:
+    """``run.group_size`` as an integer, or ``None`` for ``auto``."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        g = int(text)
+    except ValueError:
+        raise ConfigError("run.group_size", f"must be 'auto' or a positive integer; got {value!r}") from None
+    if g < 1:
+        raise ConfigError("run.group_size", f"must be 'auto' or a positive integer; got {value!r}")
+    return g
 
 
 def resolve_defaults(cfg: Config) -> Config:
@@ -357,6 +376,9 @@ def validate(cfg: Config) -> None:
     _positive("run.checkpoint_every", r.checkpoint_every, integer=True)
     _positive("run.keep_checkpoints", r.keep_checkpoints, integer=True)
     _positive("run.devices", r.devices, integer=True, allow_none=True)
-    _positive("run.group_size", r.group_size, integer=True)
+    group_size_value(r.group_size)
+    _choice("run.client_store", r.client_store, STORES)
+    _positive("run.memory_budget_gb", r.memory_budget_gb, allow_none=True)
+    _positive("run.eval_clients", r.eval_clients, integer=True, allow_none=True)
     if not 0 <= r.seed < 2**31:
         raise ConfigError("run.seed", f"must be in [0, 2^31); got {r.seed}")

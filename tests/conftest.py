@@ -22,20 +22,15 @@ def digits20(digits):
     return fk.federate(digits, partition="dirichlet", num_clients=20, seed=3, alpha=0.5)
 
 
-def make_fd(xs, ys, num_classes, test=None):
-    """A FederatedData from per-client lists (numpy), padded by hand."""
-    m = max(len(x) for x in xs)
-    d = xs[0].shape[1]
+def make_fd(xs, ys, num_classes):
+    """A FederatedData from per-client lists (numpy): each client's rows, pooled."""
+    counts = np.array([len(a) for a in xs], np.int64)
+    x = np.concatenate(xs).astype(np.float32)
+    y = np.concatenate(ys).astype(np.int32)
     n = len(xs)
-    x = np.zeros((n, m, d), np.float32)
-    y = np.zeros((n, m), np.int32)
-    for i, (a, b) in enumerate(zip(xs, ys)):
-        x[i, : len(a)] = a
-        y[i, : len(b)] = b
-    counts = np.array([len(a) for a in xs], np.int32)
     return fk.FederatedData(
-        x=x, y=y, counts=counts,
-        test_x=np.zeros((n, 1, d), np.float32), test_y=np.zeros((n, 1), np.int32), test_counts=np.zeros(n, np.int32),
-        global_x=np.concatenate(xs).astype(np.float32), global_y=np.concatenate(ys).astype(np.int32),
-        num_classes=num_classes,
+        x=x, y=y,
+        train_rows=np.arange(len(x), dtype=np.int32), train_offsets=np.concatenate([[0], np.cumsum(counts)]),
+        test_rows=np.zeros(0, np.int32), test_offsets=np.zeros(n + 1, np.int64),
+        global_x=x, global_y=y, num_classes=num_classes,
     )

@@ -47,18 +47,23 @@ def _run(alg, fd, devices, rounds, cohort=6, compressor=None, seed=0):
     return sim, state, m, data
 
 
+def _clients(sim, state):
+    return sim.client_states(state.key) if sim.stateful else ()
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_algorithm_learns_and_is_shard_invariant(fd, name):
     alg = build(name, fd)
     comp = fk.compression.make_compressor("svd", rounds=12) if name == "fedkd" else None
     sim1, s1, m1, data = _run(alg, fd, 1, 12, compressor=comp)
-    _, s4, m4, _ = _run(alg, fd, 4, 12, compressor=comp)
-    for a, b in zip(jax.tree.leaves((s1.server, s1.clients)), jax.tree.leaves((s4.server, s4.clients))):
+    sim4, s4, m4, _ = _run(alg, fd, 4, 12, compressor=comp)
+    for a, b in zip(jax.tree.leaves((s1.server, _clients(sim1, s1))), jax.tree.leaves((s4.server, _clients(sim4, s4)))):
         np.testing.assert_allclose(a, b, atol=2e-5)
     np.testing.assert_allclose(m1["train_loss"], m4["train_loss"], atol=2e-5)
     ev = fk.engine.make_evaluator(alg.model.apply)
-    before = float(ev(alg.model_params(sim1.init(0).server), data)["test_accuracy"])
-    after = float(ev(alg.model_params(s1.server), data)["test_accuracy"])
+    evd = sim1.eval_data()
+    before = float(ev(alg.model_params(sim1.init(0).server), evd)["test_accuracy"])
+    after = float(ev(alg.model_params(s1.server), evd)["test_accuracy"])
     assert after > before + 0.3, (before, after)
 
 
@@ -67,18 +72,20 @@ def test_fedkd_unsampled_teachers_stay_bit_identical(fd):
     sim = fk.Simulator(alg, fd, cohort_size=5, mesh=fk.client_mesh(2))
     data = sim.put_data(fd)
     state = sim.put_state(sim.init(0))
-    before = jax.device_get(state.clients)
-    cohort = set(np.asarray(fk.engine.sample_cohort(fk.engine.round_key(state.key, state.round), fd.num_clients, 5)).tolist())
+    before = jax.device_get(sim.client_states(state.key))
+    cohort = set(fk.engine.sample_cohort(state.key, 0, fd.num_clients, 5).tolist())
     state, _ = sim.step(state, data)
-    after = jax.device_get(state.clients)
+    after = jax.device_get(sim.client_states(state.key))
+    assert set(np.flatnonzero(sim.store.touched).tolist()) == cohort
     for c in range(fd.num_clients):
         same = all(np.array_equal(a[c], b[c]) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
         assert same == (c not in cohort), c
     # and the teachers learn: personal accuracy rises after a few rounds
     pe = fk.engine.make_personal_evaluator(alg.personal_model.apply)
-    acc0 = np.nanmean(np.asarray(pe(alg.personal_params(sim.init(0).clients), data)))
+    evd = sim.eval_data()
+    acc0 = np.nanmean(np.asarray(pe(alg.personal_params(before), evd)))
     state, _ = sim.run(state, data, 20)
-    acc1 = np.nanmean(np.asarray(pe(alg.personal_params(state.clients), data)))
+    acc1 = np.nanmean(np.asarray(pe(alg.personal_params(sim.client_states(state.key)), evd)))
     assert acc1 > acc0 + 0.2, (acc0, acc1)
 
 
@@ -157,14 +164,14 @@ def test_aux_is_derived_from_the_update_the_server_receives(fd):
     # aux must equal the averaged (compressed) update exactly.
     base = build("fedavg", fd)
 
-    def server_update(state, mean_update, mean_aux, key):
+    def server_update(state, mean_update, mean_aux, key, sdata):
         pairs = zip(jax.tree.leaves(mean_update), jax.tree.leaves(mean_aux))
         gap = jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)) for a, b in pairs]))
         norm = sum(jnp.sum(u**2) for u in jax.tree.leaves(mean_aux))
-        new, _ = base.server_update(state, mean_update, (), key)
+        new, _ = base.server_update(state, mean_update, (), key, sdata)
         return new, {"gap": gap, "norm": norm}
 
-    alg = base._replace(aux_from_update=lambda bcast, update: update, server_update=server_update)
+    alg = base._replace(aux_from_update=lambda bcast, update, sdata: update, server_update=server_update)
     compressed = fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(2), compressor=fk.compression.topk(0.05))
     full = fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(2))
     _, m = compressed.step(compressed.init(0), compressed.put_data(fd))

@@ -71,22 +71,41 @@ def test_natural_groups_by_client_id():
     assert [sorted(p.tolist()) for p in parts] == [[1, 5], [2], [0, 3, 4]]
 
 
-def test_federate_is_deterministic_and_padded(digits):
+def test_federate_is_deterministic_and_index_based(digits):
     a = fk.federate(digits, partition="dirichlet", num_clients=30, seed=4, alpha=0.5)
     b = fk.federate(digits, partition="dirichlet", num_clients=30, seed=4, alpha=0.5)
     c = fk.federate(digits, partition="dirichlet", num_clients=30, seed=5, alpha=0.5)
-    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.train_rows, b.train_rows)
     np.testing.assert_array_equal(a.counts, b.counts)
     assert not np.array_equal(a.counts, c.counts)
-    # padding is zero, counts match, train + local test + global test = whole dataset
-    for i in range(a.num_clients):
-        assert not a.x[i, a.counts[i]:].any() and not a.y[i, a.counts[i]:].any()
-    total = a.counts.sum() + a.test_counts.sum() + len(a.global_y)
-    assert total == len(digits.y)
+    # rows are stored once: the pool is the dataset itself, clients are indices
+    assert a.x.shape == digits.x.shape and a.train_rows.dtype == np.int32
+    # train + local test + global test partition the whole dataset
+    rows = np.concatenate([a.train_rows, a.test_rows])
+    assert len(np.unique(rows)) == len(rows)
+    assert len(rows) + len(a.global_y) == len(digits.y)
     assert abs(len(a.global_y) - 0.2 * len(digits.y)) <= 1
     # every client's local test split is about 20% and never empties its train split
     assert (a.counts >= 1).all()
     np.testing.assert_allclose(a.test_counts, np.floor(0.2 * (a.counts + a.test_counts)), atol=1)
+    # the padded row table: each client's rows, then row 0 as padding
+    table = a.row_table(np.array([3, 30]))
+    assert table.shape == (2, a.max_examples)
+    np.testing.assert_array_equal(table[0, : a.counts[3]], a.client_rows(3))
+    assert not table[0, a.counts[3]:].any() and not table[1].any()
+
+
+def test_million_clients_are_two_arrays_and_quick(digits):
+    import time
+
+    t = time.perf_counter()
+    fd = fk.federate(digits, partition="iid", num_clients=1_000_000, seed=0, examples_per_client=20,
+                     test_fraction=0.0, global_test_fraction=0.2)
+    del t  # the time is reported by benchmarks/scale.py, not asserted
+    assert fd.num_clients == 1_000_000 and fd.train_rows.shape == (20_000_000,)
+    assert fd.train_rows.nbytes == 80_000_000  # int32 indices; no [N, M, D] copy anywhere
+    some = fd.row_table(np.arange(0, 1_000_000, 99_991))
+    assert all(len(np.unique(r)) == 20 for r in some)  # distinct rows within a client
 
 
 def test_synthetic_follows_the_fedprox_recipe():

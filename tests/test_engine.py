@@ -114,7 +114,7 @@ def test_cohort_is_distinct_and_covers_population_over_rounds():
     key = jax.random.key(0)
     seen = set()
     for r in range(40):
-        c = np.asarray(fk.engine.sample_cohort(fk.engine.round_key(key, r), 50, 10))
+        c = np.asarray(fk.engine.sample_cohort(key, r, 50, 10))
         assert len(set(c.tolist())) == 10 and c.min() >= 0 and c.max() < 50
         seen.update(c.tolist())
     assert len(seen) == 50
@@ -123,10 +123,11 @@ def test_cohort_is_distinct_and_covers_population_over_rounds():
 def test_evaluator_matches_numpy(setup):
     alg, fd = setup
     params = alg.model_params(alg.init(jax.random.key(0)))
-    ev = fk.engine.make_evaluator(alg.model.apply, chunk=64)(params, fd)
+    sim = fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(2))
+    ev = fk.engine.make_evaluator(alg.model.apply, chunk=64, clients_per_chunk=3)(params, sim.eval_data())
     logits = np.asarray(alg.model.apply(params, fd.global_x)[0])
     np.testing.assert_allclose(ev["test_accuracy"], np.mean(logits.argmax(1) == fd.global_y), atol=1e-6)
-    i = int(np.argmax(fd.test_counts))
-    n = fd.test_counts[i]
-    li = np.asarray(alg.model.apply(params, fd.test_x[i, :n])[0])
-    np.testing.assert_allclose(ev["client_accuracy"][i], np.mean(li.argmax(1) == fd.test_y[i, :n]), atol=1e-6)
+    for i in range(fd.num_clients):
+        x, y = fd.client(i, test=True)
+        li = np.asarray(alg.model.apply(params, x)[0])
+        np.testing.assert_allclose(ev["client_accuracy"][i], np.mean(li.argmax(1) == y), atol=1e-6)

@@ -14,7 +14,7 @@ import fedkd_jax as fk
 from fedkd_jax.algorithms import feddf, fedkd, fedprox, server_teacher_kd
 from fedkd_jax.algorithms.base import FULL_WORK, STRAGGLER, ClientData
 from fedkd_jax.engine import client_key, round_key, sample_cohort
-from fedkd_jax.engine.simulator import straggler_flags
+from fedkd_jax.engine.cohort import straggler_flags
 
 STUDENT = dict(num_features=64, num_classes=10, hidden=(16,))
 TEACHER = dict(num_features=64, num_classes=10, hidden=(32,))
@@ -97,7 +97,7 @@ def test_fedprox_keeps_partial_work_of_exactly_the_stragglers(fd):
     _, m = sim.step(state, sim.put_data(fd))
     assert int(m["clients_contributing"]) == 8  # FedProx keeps everyone
     rkey = round_key(state.key, state.round)
-    cohort = np.asarray(sample_cohort(rkey, fd.num_clients, 8))
+    cohort = sample_cohort(state.key, 0, fd.num_clients, 8)
     flags = np.asarray(straggler_flags(rkey, 8, 8, 0.5, "fixed"))
     full = np.asarray(fk.algorithms.real_steps(jnp.asarray(fd.counts[cohort]), fd.max_examples, 4, epochs=2))
     # the loop's reference: each straggler's own draw, strictly below full
@@ -112,17 +112,18 @@ def test_fedprox_keeps_partial_work_of_exactly_the_stragglers(fd):
 def test_feddf_target_is_the_uniform_mean_of_the_cohorts_logits(fd):
     model = fk.make_model("mlp", **STUDENT)
     base = feddf(model, optax.sgd(0.1), optax.sgd(1.0), fd.proxy_x, batch_size=8, distill_steps=5)
-    alg = base._replace(server_update=lambda state, md, ml, key: (state, {"target": ml}))
+    alg = base._replace(server_update=lambda state, md, ml, key, sdata: (state, {"target": ml}))
     sim = fk.Simulator(alg, fd, cohort_size=6, mesh=fk.client_mesh(2))
     state = sim.init(0)
     _, m = sim.step(state, sim.put_data(fd))
     rkey = round_key(state.key, state.round)
-    cohort = np.asarray(sample_cohort(rkey, fd.num_clients, 6))
+    cohort = sample_cohort(state.key, 0, fd.num_clients, 6)
     params = state.server.params
     logits = []
     for c in cohort:  # the server's view of each upload, one client at a time
-        cd = ClientData(jnp.asarray(fd.x[c]), jnp.asarray(fd.y[c]), jnp.asarray(fd.counts[c]), 0)
-        out = alg.client_update((params, state.server.proxy), (), cd, client_key(rkey, int(c)))
+        rows = fd.row_table(np.array([c]))[0]
+        cd = ClientData(jnp.asarray(fd.x[rows]), jnp.asarray(fd.y[rows]), jnp.asarray(fd.counts[c]), 0)
+        out = alg.client_update(params, (), cd, client_key(rkey, int(c)))
         new = jax.tree.map(jnp.add, params, out.update)
         logits.append(np.asarray(model.apply(new, jnp.asarray(fd.proxy_x))[0], np.float64))
     uniform = np.mean(logits, axis=0)
@@ -222,9 +223,10 @@ def test_server_teacher_labeled_warmup_trains_the_teacher_before_round_zero(fd):
                             batch_size=8, distill_steps=5, warmup="labeled", warmup_steps=150,
                             proxy_y=fd.proxy_y)
     state = jax.jit(alg.init)(jax.random.key(0))
-    ev = fk.engine.make_evaluator(t.apply)(state.teacher, fd)
+    sim = fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(1))
+    ev = fk.engine.make_evaluator(t.apply)(state.teacher, sim.eval_data())
     assert float(ev["test_accuracy"]) > 0.6  # a random teacher scores about 0.1
-    assert bool(alg.broadcast(state)[3])  # usable as a target from round 0
+    assert bool(alg.broadcast(state)[2])  # usable as a target from round 0
 
 
 # ---------------------------------------------------------------- defaults

@@ -35,12 +35,13 @@ def final_state(run_dir, step=None, devices=None):
     model = build_model(cfg, data)
     alg = build_algorithm(cfg, model, data)
     sim = fk.Simulator(alg, data, cohort_size=cfg.run.cohort_size, mesh=fk.client_mesh(devices or cfg.run.devices),
-                       compressor=build_compressor(cfg))
-    ck = Checkpointer(os.path.join(run_dir, "checkpoints"), num_clients=data.num_clients)
+                       compressor=build_compressor(cfg), store="host")
+    ck = Checkpointer(os.path.join(run_dir, "checkpoints"), store=sim.store)
     like = sim.put_state(sim.init(cfg.run.seed))
     state = ck.restore(step if step is not None else ck.latest(), like)
     ck.close()
-    return jax.device_get(state)
+    clients = sim.client_states(state.key) if sim.stateful else ()
+    return jax.device_get((state, clients))
 
 
 def assert_states_equal(a, b, exact=True):
@@ -150,7 +151,7 @@ def test_checkpoint_restores_on_fewer_and_more_devices(tmp_path):
     assert_states_equal(final_state(ref), final_state(out, devices=1), exact=False)
     # and back on 4 devices
     res = run_experiment(load_config(None, BASE + kd + ["run.rounds=12", "run.devices=4"]), out)
-    assert res.resumed_from == 9 and int(final_state(out, devices=4).round) == 12
+    assert res.resumed_from == 9 and int(final_state(out, devices=4)[0].round) == 12
 
 
 # ---------------------------------------------------------------- processes
@@ -242,7 +243,7 @@ def test_client_store_is_saved_incrementally_and_verified(tmp_path):
     # a segment holds exactly the clients sampled since the previous checkpoint
     key = jax.random.key(cfg.run.seed)
     sampled = {int(c) for r in range(4, 8)
-               for c in np.asarray(fk.engine.sample_cohort(fk.engine.round_key(key, r), cfg.data.num_clients, cfg.run.cohort_size))}
+               for c in fk.engine.sample_cohort(key, r, cfg.data.num_clients, cfg.run.cohort_size)}
     with open(os.path.join(store, "segment-000000008.npy"), "rb") as f:
         assert set(np.load(f).tolist()) == sampled
     assert len(sampled) < cfg.data.num_clients
@@ -262,23 +263,26 @@ def test_client_store_is_saved_incrementally_and_verified(tmp_path):
 
 def test_client_store_chains_segments_and_compacts_into_a_base(tmp_path):
     from fedkd_jax.run.client_store import ClientStoreCheckpointer
+    from fedkd_jax.store import HostStore
 
-    init = {"w": np.arange(10, dtype=np.float32).reshape(5, 2), "b": np.zeros(5, np.int32)}
+    template = {"w": jax.ShapeDtypeStruct((2,), np.float32), "b": jax.ShapeDtypeStruct((), np.int32)}
+    live = HostStore(template, 5)
     cs = ClientStoreCheckpointer(str(tmp_path), 5, compact_factor=1.0)
     cs.start_from_init()
-    stores, chains = [], []
-    cur = {k: v.copy() for k, v in init.items()}
+    snapshots, chains = [], []
     for r, dirty in enumerate([[0, 1], [2, 3], [4, 0]], start=1):
-        for c in dirty:
-            cur["w"][c] += 100 * r
-            cur["b"][c] = r
-        stores.append({k: v.copy() for k, v in cur.items()})
-        chains.append(cs.save(r, jax.device_put(cur), np.array(dirty)))
+        ids = np.array(dirty)
+        rows = {"w": np.full((2, 2), 100.0 * r, np.float32) + ids[:, None], "b": np.full(2, r, np.int32)}
+        live.scatter(ids, rows)
+        snapshots.append(([a.copy() for a in live.arrays], live.touched.copy()))
+        chains.append(cs.save(r, live, live.take_dirty()))
     cs.wait()
     assert [e["kind"] for e in chains[1]] == ["init", "segment", "segment"]
-    assert [e["kind"] for e in chains[2]] == ["base"]  # 6 rows since the base > 1.0 x 5 clients
-    for chain, expect in zip(chains, stores):
-        got = ClientStoreCheckpointer(str(tmp_path), 5).load(chain, init)
-        for k in expect:
-            np.testing.assert_array_equal(got[k], expect[k])
+    assert [e["kind"] for e in chains[2]] == ["base"]  # 6 rows since the base > 1.0 x 5 touched clients
+    for chain, (arrays, touched) in zip(chains, snapshots):
+        got = HostStore(template, 5)
+        ClientStoreCheckpointer(str(tmp_path), 5).load(chain, got)
+        np.testing.assert_array_equal(got.touched, touched)
+        for a, b in zip(got.arrays, arrays):
+            np.testing.assert_array_equal(a[touched], b[touched])
     cs.close()

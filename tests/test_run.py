@@ -57,10 +57,10 @@ def test_run_writes_metrics_plot_checkpoints_and_learns(tmp_path):
     sim = Simulator(alg, data, cohort_size=5, mesh=fk.client_mesh(2))
     ck = Checkpointer(os.path.join(out, "checkpoints"))
     assert ck.manager.all_steps() == [15, 30]
-    state = ck.restore(30, sim.init(0))
+    state = ck.restore(30, sim.put_state(sim.init(0)))
     ck.close()
     assert int(state.round) == 30
-    acc = make_evaluator(model.apply)(alg.model_params(state.server), data)["test_accuracy"]
+    acc = make_evaluator(model.apply)(alg.model_params(state.server), sim.eval_data())["test_accuracy"]
     assert float(acc) == rows[-1]["test_accuracy"]
 
 
@@ -92,7 +92,8 @@ def test_cli_run_end_to_end(tmp_path):
 def test_public_api_imports():
     import fedkd_jax
 
-    for mod in (fedkd_jax, fedkd_jax.algorithms, fedkd_jax.data, fedkd_jax.engine, fedkd_jax.losses, fedkd_jax.models, fedkd_jax.run):
+    for mod in (fedkd_jax, fedkd_jax.algorithms, fedkd_jax.data, fedkd_jax.engine, fedkd_jax.losses, fedkd_jax.models,
+                fedkd_jax.run, fedkd_jax.store):
         for name in mod.__all__:
             assert getattr(mod, name) is not None, f"{mod.__name__}.{name}"
     assert jax.device_count() == 4

@@ -81,7 +81,7 @@ class FederatedAlgorithm(NamedTuple):
       init_client: ``key -> ClientState`` for one client, or ``None`` if stateless.
       broadcast: ``ServerState -> Broadcast`` (what each client downloads).
       client_update: ``(Broadcast, ClientState, ClientData, key) -> ClientOutput``.
-      server_update: ``(ServerState, mean_update, mean_aux, key) -> (ServerState, metrics)``;
+      server_update: ``(ServerState, mean_update, mean_aux, key, server_data) -> (ServerState, metrics)``;
         means are weighted by ``ClientOutput.weight`` over the cohort.
       model_params: ``ServerState -> Params`` of the global model.
       download_bytes: bytes each cohort client downloads, when not simply the
@@ -89,13 +89,16 @@ class FederatedAlgorithm(NamedTuple):
       personal_model: model of per-client personalised parameters (e.g. FedKD's
         private teachers), evaluated on each client's local test split.
       personal_params: ``ClientState -> Params`` of that model.
-      aux_from_update: ``(Broadcast, update) -> aux``, called by the engine on
+      aux_from_update: ``(Broadcast, update, server_data) -> aux``, called by the engine on
         the update *as the server receives it* (after compression). Use it for
         values the server derives from uploads, e.g. FedDF's ensemble logits.
       with_model_params: ``(ServerState, Params) -> ServerState`` replacing the
         global model's parameters (used by downlink compression: the server
         keeps the model its clients can reconstruct). Default: ``state._replace(params=...)``.
       supports_stragglers: whether ``client_update`` honours ``ClientData.straggler``.
+      server_data: arrays only the server holds (e.g. FedDF's proxy set), placed
+        on the devices once and passed to ``server_update`` and
+        ``aux_from_update``: data, not state, so checkpoints never copy it.
     """
 
     name: str
@@ -104,14 +107,15 @@ class FederatedAlgorithm(NamedTuple):
     init_client: Callable[[jax.Array], ClientState] | None
     broadcast: Callable[[ServerState], Broadcast]
     client_update: Callable[[Broadcast, ClientState, ClientData, jax.Array], ClientOutput]
-    server_update: Callable[[ServerState, Any, Any, jax.Array], tuple[ServerState, dict]]
+    server_update: Callable[[ServerState, Any, Any, jax.Array, Any], tuple[ServerState, dict]]
     model_params: Callable[[ServerState], Params]
     download_bytes: int | None = None
     personal_model: Model | None = None
     personal_params: Callable[[ClientState], Params] | None = None
-    aux_from_update: Callable[[Broadcast, Any], Any] | None = None
+    aux_from_update: Callable[[Broadcast, Any, Any], Any] | None = None
     with_model_params: Callable[[ServerState, Params], ServerState] | None = None
     supports_stragglers: bool = False
+    server_data: Any = ()
 
     def set_model_params(self, state: ServerState, params: Params) -> ServerState:
         if self.with_model_params is not None:

@@ -58,8 +58,8 @@ def straggler_steps(key: jax.Array, code: jax.Array, full: jax.Array) -> jax.Arr
 def server_sgd_update(server_optimizer: optax.GradientTransformation):
     """``server_update`` of FedAvg-style algorithms: optimizer step on ``-mean_delta``."""
 
-    def server_update(state: FedAvgState, mean_delta, mean_aux, key: jax.Array):
-        del mean_aux, key
+    def server_update(state: FedAvgState, mean_delta, mean_aux, key: jax.Array, server_data=()):
+        del mean_aux, key, server_data
         grads = jax.tree.map(lambda d: -d, mean_delta)
         updates, opt_state = server_optimizer.update(grads, state.opt_state, state.params)
         return FedAvgState(optax.apply_updates(state.params, updates), opt_state), {}

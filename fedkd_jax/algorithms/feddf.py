@@ -55,11 +55,11 @@ SCHEDULES = ("cosine", "constant")
 
 
 class FedDFState(NamedTuple):
-    """Global parameters, server optimizer state, and the server's proxy set ``[P, D]``."""
+    """Global parameters and the server optimizer's state (the proxy set is
+    server *data*: ``FederatedAlgorithm.server_data["proxy"]``)."""
 
     params: Params
     opt_state: optax.OptState
-    proxy: jax.Array
 
 
 def distill_optimizer(lr: float, steps: int, schedule: str, clip_norm: float | None = 5.0) -> optax.GradientTransformation:
@@ -116,23 +116,23 @@ def feddf(
 
     def init(key: jax.Array) -> FedDFState:
         s = base.init(key)
-        return FedDFState(s.params, s.opt_state, proxy)
+        return FedDFState(s.params, s.opt_state)
 
     def client_update(bcast, cs, data: ClientData, key: jax.Array) -> ClientOutput:
-        out = base.client_update(bcast[0], cs, data, key)
+        out = base.client_update(bcast, cs, data, key)
         # the ensemble is the uniform mean over contributing models (avg_logits)
         return out._replace(aux_weight=(out.weight > 0).astype(jnp.float32))
 
-    def aux_from_update(bcast, delta):
+    def aux_from_update(params, delta, sdata):
         # the server's view of this client's model: global + (decompressed) delta
-        params, proxy_rows = bcast
-        return proxy_logits(model.apply, jax.tree.map(jnp.add, params, delta), proxy_rows)
+        return proxy_logits(model.apply, jax.tree.map(jnp.add, params, delta), sdata["proxy"])
 
-    def server_update(state: FedDFState, mean_delta, mean_logits, key: jax.Array):
+    def server_update(state: FedDFState, mean_delta, mean_logits, key: jax.Array, sdata):
         avg, _ = base.server_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
+        proxy_rows = sdata["proxy"]
         val_score = None
         if len(val_rows):
-            vx, vt = state.proxy[val_rows], mean_logits[val_rows]
+            vx, vt = proxy_rows[val_rows], mean_logits[val_rows]
             if labels is not None:
                 def val_score(p):
                     return -jnp.mean((jnp.argmax(model.apply(p, vx)[0], -1) == labels).astype(jnp.float32))
@@ -140,21 +140,22 @@ def feddf(
                 def val_score(p):
                     return kd_loss(model.apply(p, vx)[0], vt, temperature=temperature)[0]
         params, _, m = distill_on_proxy(
-            model.apply, avg.params, distill_opt.init(avg.params), distill_opt, state.proxy[train_rows],
+            model.apply, avg.params, distill_opt.init(avg.params), distill_opt, proxy_rows[train_rows],
             mean_logits[train_rows], key, steps=distill_steps, batch_size=distill_batch_size,
             temperature=temperature, val_score=val_score, val_every=val_every, patience=patience,
         )
-        return FedDFState(params, avg.opt_state, state.proxy), m
+        return FedDFState(params, avg.opt_state), m
 
     return FederatedAlgorithm(
         name="feddf",
         model=model,
         init=init,
         init_client=None,
-        broadcast=lambda state: (state.params, state.proxy),
+        broadcast=lambda state: state.params,
         client_update=client_update,
         server_update=server_update,
         model_params=lambda state: state.params,
         download_bytes=tree_bytes(jax.eval_shape(model.init, jax.random.key(0))),
         aux_from_update=aux_from_update,
+        server_data={"proxy": np.asarray(proxy)},
     )

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
@@ -54,14 +55,13 @@ from fedkd_jax.tree_util import tree_bytes
 
 class ServerTeacherState(NamedTuple):
     """Student (global) parameters and server optimizer state, the teacher, its
-    Adam state, the server's proxy set ``[P, D]`` and the number of
-    distillation updates the teacher has received (int32)."""
+    Adam state and the number of distillation updates the teacher has received
+    (int32). The proxy set is server data (``server_data["proxy"]``)."""
 
     params: Params
     opt_state: optax.OptState
     teacher: Params
     teacher_opt_state: optax.OptState
-    proxy: jax.Array
     teacher_updates: jax.Array
 
 WARMUPS = ("rounds", "labeled")
@@ -131,10 +131,10 @@ def server_teacher_kd(
         s, t = student.init(ks), teacher.init(kt)
         if warmup == "labeled":
             t = pretrain(t, jax.random.fold_in(kt, 1))
-        return ServerTeacherState(s, server_optimizer.init(s), t, teacher_opt.init(t), proxy, jnp.zeros((), jnp.int32))
+        return ServerTeacherState(s, server_optimizer.init(s), t, teacher_opt.init(t), jnp.zeros((), jnp.int32))
 
     def client_update(bcast, cs, data: ClientData, key: jax.Array) -> ClientOutput:
-        params, t_params, _, ready = bcast
+        params, t_params, ready = bcast
         a = jnp.where(ready, alpha, 1.0)  # a teacher still warming up is not a target
 
         def loss_fn(p, x, y, where):
@@ -151,18 +151,18 @@ def server_teacher_kd(
         # the teacher's target is the uniform mean of the students' logits, as in FedDF
         return ClientOutput(delta, weight, cs, metrics, aux_weight=(weight > 0).astype(jnp.float32))
 
-    def aux_from_update(bcast, delta):
+    def aux_from_update(bcast, delta, sdata):
         # the server's view of this client's student: global + (decompressed) delta
-        params, _, proxy_rows, _ = bcast
-        return proxy_logits(student.apply, jax.tree.map(jnp.add, params, delta), proxy_rows)
+        params = bcast[0]
+        return proxy_logits(student.apply, jax.tree.map(jnp.add, params, delta), sdata["proxy"])
 
-    def server_update(state: ServerTeacherState, mean_delta, mean_logits, key: jax.Array):
+    def server_update(state: ServerTeacherState, mean_delta, mean_logits, key: jax.Array, sdata):
         s, _ = student_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
         t, t_opt, m = distill_on_proxy(
-            teacher.apply, state.teacher, state.teacher_opt_state, teacher_opt, state.proxy, mean_logits, key,
+            teacher.apply, state.teacher, state.teacher_opt_state, teacher_opt, sdata["proxy"], mean_logits, key,
             steps=distill_steps, batch_size=distill_batch_size, temperature=temperature,
         )
-        return ServerTeacherState(s.params, s.opt_state, t, t_opt, state.proxy, state.teacher_updates + 1), m
+        return ServerTeacherState(s.params, s.opt_state, t, t_opt, state.teacher_updates + 1), m
 
     down = tree_bytes(jax.eval_shape(student.init, jax.random.key(0))) + tree_bytes(
         jax.eval_shape(teacher.init, jax.random.key(0))
@@ -172,10 +172,11 @@ def server_teacher_kd(
         model=student,
         init=init,
         init_client=None,
-        broadcast=lambda state: (state.params, state.teacher, state.proxy, state.teacher_updates >= threshold),
+        broadcast=lambda state: (state.params, state.teacher, state.teacher_updates >= threshold),
         client_update=client_update,
         server_update=server_update,
         model_params=lambda state: state.params,
         download_bytes=down,
         aux_from_update=aux_from_update,
+        server_data={"proxy": np.asarray(proxy)},
     )

@@ -1,72 +1,145 @@
-"""Client-stacked, padded federated data.
+"""An index-based federated population.
 
-Shape key: ``N`` clients, ``M`` max train examples per client, ``Mt`` max local
-test examples, ``D`` features, ``G`` global test examples.
+Shape key: ``R`` pooled rows, ``D`` features, ``N`` clients, ``T`` rows over
+all clients' training splits, ``M`` the largest client, ``G`` global test rows.
+
+Examples are stored once, in the pool ``x [R, D]``; each client is a list of
+row indices (CSR: ``train_rows [T]`` with ``train_offsets [N + 1]``, and the
+same for local test splits). No ``[N, M, D]`` copy exists: a round gathers
+only its cohort's rows, on the device. A million clients of 40 rows cost 160
+MB of indices, whatever the row width.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
-from flax import struct
 
 from fedkd_jax.data import datasets as ds_lib
 from fedkd_jax.data import partition as part_lib
+from fedkd_jax.data.partition import Partition
 from fedkd_jax.errors import DataError
 
 
-@struct.dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class FederatedData:
-    """A whole population's data as padded arrays (host numpy or device arrays).
+    """A population: pooled rows and each client's row indices (host numpy).
 
     Attributes:
-      x: ``[N, M, D]`` float32 train features, zero past ``counts``.
-      y: ``[N, M]`` int32 train labels, zero past ``counts``.
-      counts: ``[N]`` int32 number of real train examples per client.
-      test_x, test_y, test_counts: the same for each client's local test split.
+      x: ``[R, D]`` float32 pooled features; y: ``[R]`` int32 labels.
+      train_rows, train_offsets: client ``i`` trains on pool rows
+        ``train_rows[train_offsets[i]:train_offsets[i+1]]``.
+      test_rows, test_offsets: the same for each client's local test split.
       global_x: ``[G, D]`` global test features; global_y: ``[G]`` labels.
-      proxy_x: ``[P, D]`` unlabeled proxy rows held out for server-side
-        distillation (FedDF, server-teacher KD), or ``None``.
+      proxy_x: ``[P, D]`` unlabeled proxy rows for server-side distillation
+        (FedDF, server-teacher KD), or ``None``.
       proxy_y: ``[P]`` their labels when the server may know them (held-out
         rows of the task; used only for validation or labeled warm-up), or ``None``.
     """
 
     x: np.ndarray
     y: np.ndarray
-    counts: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    test_counts: np.ndarray
+    train_rows: np.ndarray
+    train_offsets: np.ndarray
+    test_rows: np.ndarray
+    test_offsets: np.ndarray
     global_x: np.ndarray
     global_y: np.ndarray
     proxy_x: np.ndarray | None = None
     proxy_y: np.ndarray | None = None
-    num_classes: int = struct.field(pytree_node=False, default=10)
-    image_shape: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
-    name: str = struct.field(pytree_node=False, default="")
+    num_classes: int = 10
+    image_shape: tuple[int, ...] | None = None
+    name: str = ""
+
+    def replace(self, **changes) -> "FederatedData":
+        return dataclasses.replace(self, **changes)
 
     @property
     def num_clients(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.train_offsets) - 1
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """``[N]`` int32 training rows per client."""
+        return np.diff(self.train_offsets).astype(np.int32)
+
+    @functools.cached_property
+    def test_counts(self) -> np.ndarray:
+        return np.diff(self.test_offsets).astype(np.int32)
 
     @property
     def max_examples(self) -> int:
-        return int(self.x.shape[1])
+        return max(1, int(self.counts.max(initial=0)))
+
+    @property
+    def max_test_examples(self) -> int:
+        return max(1, int(self.test_counts.max(initial=0)))
 
     @property
     def num_features(self) -> int:
-        return int(self.x.shape[2])
+        return int(self.x.shape[1])
+
+    def client_rows(self, i: int, *, test: bool = False) -> np.ndarray:
+        rows, off = (self.test_rows, self.test_offsets) if test else (self.train_rows, self.train_offsets)
+        return rows[off[i]:off[i + 1]]
+
+    def client(self, i: int, *, test: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(x [n, D], y [n])`` of client ``i``'s train (or local test) split."""
+        r = self.client_rows(i, test=test)
+        return self.x[r], self.y[r]
+
+    def row_table(self, ids: np.ndarray, *, test: bool = False, width: int | None = None) -> np.ndarray:
+        """``[len(ids), width]`` int32 pool rows of clients ``ids``, padded with row 0.
+
+        ``width`` defaults to the largest client. Ids ``>= N`` (padding) give empty rows.
+        """
+        rows, off = (self.test_rows, self.test_offsets) if test else (self.train_rows, self.train_offsets)
+        width = width or (self.max_test_examples if test else self.max_examples)
+        ids = np.asarray(ids, np.int64)
+        n = self.num_clients
+        safe = np.minimum(ids, n - 1)
+        start, count = off[safe], np.where(ids < n, off[safe + 1] - off[safe], 0)
+        pos = np.arange(width)
+        idx = start[:, None] + pos[None, :]
+        ok = pos[None, :] < count[:, None]
+        return np.where(ok, rows[np.where(ok, idx, 0)], 0).astype(np.int32)
+
+    def copied(self) -> "FederatedData":
+        """The same population with every client's rows copied into its own pool
+        rows (the layout of a per-client padded copy); rounds are identical."""
+        def copy(rows, off):
+            return np.arange(len(rows), dtype=np.int64), off
+
+        tr, toff = copy(self.train_rows, self.train_offsets)
+        te, teoff = copy(self.test_rows, self.test_offsets)
+        x = np.concatenate([self.x[self.train_rows], self.x[self.test_rows]])
+        y = np.concatenate([self.y[self.train_rows], self.y[self.test_rows]])
+        return self.replace(x=x, y=y, train_rows=tr, train_offsets=toff, test_rows=te + len(tr), test_offsets=teoff)
 
 
-def _pad(parts: list[np.ndarray], x: np.ndarray, y: np.ndarray, min_len: int = 1):
-    m = max(min_len, max((len(p) for p in parts), default=0))
-    xs = np.zeros((len(parts), m, x.shape[1]), np.float32)
-    ys = np.zeros((len(parts), m), np.int32)
-    counts = np.zeros(len(parts), np.int32)
-    for i, p in enumerate(parts):
-        xs[i, : len(p)] = x[p]
-        ys[i, : len(p)] = y[p]
-        counts[i] = len(p)
-    return xs, ys, counts
+def split_train_test(part: Partition, test_fraction: float, rng: np.random.Generator) -> tuple[Partition, Partition]:
+    """Split each client's rows: ``min(floor(f * n), n - 1)`` random rows go to its
+    local test split (at least one row stays for training). Vectorised over
+    clients; each split is sorted by row."""
+    sizes = part.sizes
+    n = len(sizes)
+    if test_fraction <= 0:
+        return part, Partition(np.zeros(0, part.rows.dtype), np.zeros(n + 1, np.int64))
+    seg = np.repeat(np.arange(n), sizes)
+    order = np.lexsort((rng.random(len(part.rows)), seg))  # a random order within each client
+    shuffled = part.rows[order]
+    k = np.minimum(np.floor(test_fraction * sizes).astype(np.int64), np.maximum(sizes - 1, 0))
+    pos = np.arange(len(shuffled)) - np.repeat(part.offsets[:-1], sizes)
+    is_test = pos < np.repeat(k, sizes)
+
+    def sub(mask, counts):
+        rows, s = shuffled[mask], seg[mask]
+        o = np.lexsort((rows, s))
+        return Partition(rows[o], np.concatenate([[0], np.cumsum(counts)]))
+
+    return sub(~is_test, sizes - k), sub(is_test, k)
 
 
 def federate(
@@ -83,13 +156,13 @@ def federate(
     proxy_fraction: float = 0.0,
     min_examples: int = 2,
 ) -> FederatedData:
-    """Split ``dataset`` over clients and pad it into a :class:`FederatedData`.
+    """Split ``dataset`` over clients into an index-based :class:`FederatedData`.
 
     Steps, all driven by ``numpy.random.default_rng(seed)``: hold out a global
     test set (``global_test_fraction``; for the natural partition the global test
-    set is the union of the clients' local test splits instead); partition the
-    rest; split each client's examples into local train and test
-    (``test_fraction``, keeping at least one train example).
+    set is the union of the clients' local test splits instead) and the proxy
+    rows (``proxy_fraction``); partition the rest; split each client's rows
+    into local train and test (``test_fraction``, keeping at least one train row).
     """
     ds_lib.validate_dataset(dataset)
     if partition not in part_lib.PARTITIONS:
@@ -137,32 +210,27 @@ def federate(
                 "data.num_clients",
                 f"the natural partition of {dataset.name!r} has {len(parts)} clients; got {num_clients}",
             )
-    parts = [pool[p] for p in parts]
-    for i, p in enumerate(parts):
-        if len(p) == 0:
-            raise DataError("data.partition", f"client {i} has no examples")
-
-    train, test = [], []
-    for p in parts:
-        p = rng.permutation(p)
-        k = min(int(np.floor(test_fraction * len(p))), len(p) - 1)
-        test.append(np.sort(p[:k]))
-        train.append(np.sort(p[k:]))
+    parts = parts.map_rows(pool)
+    empty = np.flatnonzero(parts.sizes == 0)
+    if len(empty):
+        raise DataError("data.partition", f"client {int(empty[0])} has no examples")
+    train, test = split_train_test(parts, test_fraction, rng)
     if natural:
-        g_idx = np.sort(np.concatenate(test)) if test else g_idx
-    x, y, counts = _pad(train, dataset.x, dataset.y)
-    tx, ty, tcounts = _pad(test, dataset.x, dataset.y)
+        g_idx = np.sort(test.rows) if len(test.rows) else g_idx
+    x = np.asarray(dataset.x, np.float32)
+    y = np.asarray(dataset.y, np.int32)
+    idx_dtype = np.int32 if len(x) < 2**31 else np.int64
     return FederatedData(
         x=x,
         y=y,
-        counts=counts,
-        test_x=tx,
-        test_y=ty,
-        test_counts=tcounts,
-        global_x=dataset.x[g_idx],
-        global_y=dataset.y[g_idx],
-        proxy_x=dataset.x[proxy_idx] if len(proxy_idx) else None,
-        proxy_y=dataset.y[proxy_idx] if len(proxy_idx) else None,
+        train_rows=train.rows.astype(idx_dtype, copy=False),
+        train_offsets=train.offsets,
+        test_rows=test.rows.astype(idx_dtype, copy=False),
+        test_offsets=test.offsets,
+        global_x=x[g_idx],
+        global_y=y[g_idx],
+        proxy_x=x[proxy_idx] if len(proxy_idx) else None,
+        proxy_y=y[proxy_idx] if len(proxy_idx) else None,
         num_classes=dataset.num_classes,
         image_shape=dataset.image_shape,
         name=dataset.name,

@@ -1,10 +1,15 @@
 """Partitioners: split example indices over clients.
 
-Each returns a list of ``num_clients`` int arrays of example indices, drawn
-only from the numpy ``Generator`` it is given, so a seed fixes the split.
+Each returns a :class:`Partition` of ``num_clients`` clients, drawn only from
+the numpy ``Generator`` it is given, so a seed fixes the split. A partition
+is an index table in CSR form (all clients' row indices in one flat array
+plus offsets), so a million clients cost two arrays, not a million; it still
+iterates and indexes like a list of per-client index arrays.
 """
 
 from __future__ import annotations
+
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -13,13 +18,75 @@ from fedkd_jax.errors import DataError
 PARTITIONS = ("iid", "dirichlet", "dirichlet_client", "shards", "quantity", "natural")
 
 
+class Partition:
+    """Row indices of ``N`` clients: client ``i`` holds ``rows[offsets[i]:offsets[i+1]]``.
+
+    Attributes:
+      rows: ``[T]`` int64 row indices, clients one after another.
+      offsets: ``[N + 1]`` int64, ``offsets[0] = 0``, ``offsets[N] = T``.
+    """
+
+    __slots__ = ("rows", "offsets")
+
+    def __init__(self, rows: np.ndarray, offsets: np.ndarray):
+        rows = np.asarray(rows)
+        self.rows = rows if np.issubdtype(rows.dtype, np.integer) else rows.astype(np.int64)
+        self.offsets = np.asarray(offsets, np.int64)
+
+    @classmethod
+    def from_lists(cls, parts: Sequence[np.ndarray]) -> "Partition":
+        sizes = np.fromiter((len(p) for p in parts), np.int64, len(parts))
+        rows = np.concatenate([np.asarray(p, np.int64) for p in parts]) if len(parts) else np.zeros(0, np.int64)
+        return cls(rows, np.concatenate([[0], np.cumsum(sizes)]))
+
+    @classmethod
+    def fixed_size(cls, table: np.ndarray) -> "Partition":
+        """From an ``[N, k]`` table: every client holds one row of it."""
+        n, k = table.shape
+        return cls(table.reshape(-1), np.arange(n + 1, dtype=np.int64) * k)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.rows[self.offsets[i]:self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def map_rows(self, pool: np.ndarray) -> "Partition":
+        """The same split with every row index ``r`` replaced by ``pool[r]``."""
+        return Partition(np.asarray(pool)[self.rows], self.offsets)
+
+
+def distinct_rows(rng: np.random.Generator, n: int, num_clients: int, k: int) -> np.ndarray:
+    """``[num_clients, k]`` sorted rows, each a uniform draw of ``k`` distinct values of ``range(n)``.
+
+    Vectorised rejection: draw every row with replacement and redraw the rows
+    holding a repeat. Accepting only repeat-free rows makes each row exactly a
+    uniform sample without replacement; for ``k << n`` few rows are redrawn.
+    """
+    dtype = np.int32 if n < 2**31 else np.int64
+    out = np.sort(rng.integers(0, n, (num_clients, k), dtype=dtype), axis=1)
+    bad = np.flatnonzero((np.diff(out, axis=1) == 0).any(axis=1)) if k > 1 else np.zeros(0, np.int64)
+    while len(bad):
+        redo = np.sort(rng.integers(0, n, (len(bad), k), dtype=dtype), axis=1)
+        out[bad] = redo
+        bad = bad[(np.diff(redo, axis=1) == 0).any(axis=1)]
+    return out
+
+
 def iid(
     n: int,
     num_clients: int,
     rng: np.random.Generator,
     *,
     examples_per_client: int | None = None,
-) -> list[np.ndarray]:
+) -> Partition:
     """Uniform random split.
 
     Without ``examples_per_client`` the ``n`` examples are dealt out evenly.
@@ -28,7 +95,7 @@ def iid(
     pool (a large population built from a small dataset).
     """
     if examples_per_client is None:
-        return [np.sort(p) for p in np.array_split(rng.permutation(n), num_clients)]
+        return Partition.from_lists([np.sort(p) for p in np.array_split(rng.permutation(n), num_clients)])
     if examples_per_client > n:
         raise DataError(
             "data.examples_per_client",
@@ -36,8 +103,8 @@ def iid(
         )
     if num_clients * examples_per_client <= n:
         perm = rng.permutation(n)[: num_clients * examples_per_client]
-        return [np.sort(p) for p in perm.reshape(num_clients, examples_per_client)]
-    return [np.sort(rng.choice(n, examples_per_client, replace=False)) for _ in range(num_clients)]
+        return Partition.fixed_size(np.sort(perm.reshape(num_clients, examples_per_client), axis=1))
+    return Partition.fixed_size(distinct_rows(rng, n, num_clients, examples_per_client))
 
 
 def dirichlet(
@@ -48,7 +115,7 @@ def dirichlet(
     *,
     min_examples: int = 2,
     max_tries: int = 1000,
-) -> list[np.ndarray]:
+) -> Partition:
     """Label skew, per-class split: each class is divided over the clients in
     proportions ``~ Dir(alpha)`` (Yurochkin et al. 2019, "Bayesian Nonparametric
     Federated Learning of Neural Networks"; the NIID-Bench form of Li et al. 2022,
@@ -71,7 +138,7 @@ def dirichlet(
                 parts[c].append(chunk)
         out = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in out) >= min_examples:
-            return out
+            return Partition.from_lists(out)
     raise DataError(
         "data.alpha",
         f"Dirichlet(alpha={alpha}) left some of {num_clients} clients with fewer than "
@@ -86,7 +153,7 @@ def dirichlet_client(
     rng: np.random.Generator,
     *,
     examples_per_client: int | None = None,
-) -> list[np.ndarray]:
+) -> Partition:
     """Label skew, per-client proportions (Hsu et al. 2019, "Measuring the Effects
     of Non-Identical Data Distribution for Federated Visual Classification").
 
@@ -125,7 +192,7 @@ def dirichlet_client(
             need -= int(draw.sum())
         out.append(np.sort(np.concatenate([pools[c][used[c]:used[c] + take[c]] for c in range(k)])))
         used += take
-    return out
+    return Partition.from_lists(out)
 
 
 def shards(
@@ -133,7 +200,7 @@ def shards(
     num_clients: int,
     shards_per_client: int,
     rng: np.random.Generator,
-) -> list[np.ndarray]:
+) -> Partition:
     """Pathological non-IID split (McMahan et al. 2017): sort by label, cut into
     ``num_clients * shards_per_client`` shards, give each client ``shards_per_client``."""
     num_shards = num_clients * shards_per_client
@@ -146,7 +213,7 @@ def shards(
     order = np.argsort(y, kind="stable")
     pieces = np.array_split(order, num_shards)
     assign = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
-    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in assign]
+    return Partition.from_lists([np.sort(np.concatenate([pieces[s] for s in row])) for row in assign])
 
 
 def quantity(
@@ -156,7 +223,7 @@ def quantity(
     rng: np.random.Generator,
     *,
     min_examples: int = 2,
-) -> list[np.ndarray]:
+) -> Partition:
     """Quantity skew: client sizes follow ``Dir(alpha)`` proportions (plus a floor of
     ``min_examples``); labels stay IID."""
     if num_clients * min_examples > n:
@@ -167,10 +234,10 @@ def quantity(
     p = rng.dirichlet(np.full(num_clients, alpha))
     sizes = min_examples + rng.multinomial(n - num_clients * min_examples, p)
     perm = rng.permutation(n)
-    return [np.sort(s) for s in np.split(perm, np.cumsum(sizes)[:-1])]
+    return Partition.from_lists([np.sort(s) for s in np.split(perm, np.cumsum(sizes)[:-1])])
 
 
-def natural(client_ids: np.ndarray) -> list[np.ndarray]:
+def natural(client_ids: np.ndarray) -> Partition:
     """The partition the data came with: client ``k`` holds the rows with id ``k``.
 
     Ids must be ``0..K-1``; a gap means a client with no examples.
@@ -184,4 +251,4 @@ def natural(client_ids: np.ndarray) -> list[np.ndarray]:
         empty = int(np.argmin(counts))
         raise DataError("data.client", f"client {empty} has no examples (ids must be 0..{k - 1})")
     order = np.argsort(ids, kind="stable")
-    return np.split(order, np.cumsum(counts)[:-1])
+    return Partition(order, np.concatenate([[0], np.cumsum(counts)]))

@@ -1,21 +1,61 @@
-"""Jitted, batched evaluation of the global model.
+"""Jitted, batched evaluation of the global model and of personal models.
 
 Global metrics on the held-out test set, and the per-client accuracy of the
 global model on each client's local test split (its distribution tells how
-evenly the model serves the population).
+evenly the model serves the population). With a large population the
+per-client figures come from a fixed, seeded sample of clients
+(``max_clients``), the same at every evaluation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedkd_jax.data import FederatedData
+from fedkd_jax.engine.placement import put_replicated
 
 Apply = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+_EVAL_TAG = 0xE7A1
+
+
+class EvalData(NamedTuple):
+    """Evaluation inputs on the devices.
+
+    Attributes:
+      global_x, global_y: ``[G, D]``, ``[G]`` the global test set.
+      pool_x, pool_y: the pooled rows (the same arrays the rounds use).
+      test_rows: ``[E, Mt]`` int32 pool rows of the evaluated clients' local tests.
+      test_counts: ``[E]`` int32 real rows (0: no local test split).
+    """
+
+    global_x: jax.Array
+    global_y: jax.Array
+    pool_x: jax.Array
+    pool_y: jax.Array
+    test_rows: jax.Array
+    test_counts: jax.Array
+
+
+def eval_clients(num_clients: int, max_clients: int | None, seed: int) -> np.ndarray:
+    """Ids whose local tests are evaluated: all, or a fixed seeded sample of ``max_clients``."""
+    if max_clients is None or num_clients <= max_clients:
+        return np.arange(num_clients)
+    return np.sort(np.random.default_rng([seed, _EVAL_TAG]).choice(num_clients, max_clients, replace=False))
+
+
+def make_eval_data(data: FederatedData, pool, sharding, *, ids: np.ndarray | None = None) -> EvalData:
+    """Place what evaluation needs; ``pool`` is the simulator's ``PoolData``."""
+    ids = np.arange(data.num_clients) if ids is None else np.asarray(ids)
+    rows = data.row_table(ids, test=True)
+    counts = data.test_counts[ids]
+    host = (np.asarray(data.global_x, np.float32), np.asarray(data.global_y, np.int32))
+    g = put_replicated(host, sharding)
+    t = put_replicated((rows, counts.astype(np.int32)), sharding)
+    return EvalData(g[0], g[1], pool.x, pool.y, t[0], t[1])
 
 
 def _chunked_stats(apply: Apply, params, x: jax.Array, y: jax.Array, chunk: int):
@@ -37,43 +77,45 @@ def _chunked_stats(apply: Apply, params, x: jax.Array, y: jax.Array, chunk: int)
     return nll.reshape(-1)[:r], correct.reshape(-1)[:r]
 
 
-def make_evaluator(apply: Apply, *, chunk: int = 1024):
-    """``evaluate(params, data) -> metrics`` (jitted).
+def _client_accuracy(apply: Apply, ev: EvalData, clients_per_chunk: int, *, shared=None, stacked=None) -> jax.Array:
+    """Accuracy of ``shared`` params (or each client's ``stacked`` params) on each local test."""
+
+    def one(args):
+        params, rows, n = args
+        logits, _ = apply(shared if params is None else params, ev.pool_x[rows])
+        hit = (jnp.argmax(logits, -1) == ev.pool_y[rows]) & (jnp.arange(rows.shape[0]) < n)
+        return jnp.where(n > 0, jnp.sum(hit) / jnp.maximum(n, 1), jnp.nan)
+
+    return jax.lax.map(one, (stacked, ev.test_rows, ev.test_counts), batch_size=clients_per_chunk)
+
+
+def make_evaluator(apply: Apply, *, chunk: int = 1024, clients_per_chunk: int = 64):
+    """``evaluate(params, ev: EvalData) -> metrics`` (jitted).
 
     Returns a dict with ``test_loss``, ``test_accuracy`` (global test set) and
-    ``client_accuracy [N]`` (NaN for clients without a local test split).
+    ``client_accuracy [E]`` (NaN for clients without a local test split).
     """
 
     @jax.jit
-    def evaluate(params, data: FederatedData) -> dict[str, jax.Array]:
+    def evaluate(params, ev: EvalData) -> dict[str, jax.Array]:
         out = {}
-        if data.global_y.shape[0]:
-            nll, correct = _chunked_stats(apply, params, data.global_x, data.global_y, chunk)
+        if ev.global_y.shape[0]:
+            nll, correct = _chunked_stats(apply, params, ev.global_x, ev.global_y, chunk)
             out["test_loss"] = jnp.mean(nll)
             out["test_accuracy"] = jnp.mean(correct)
-        n, mt = data.test_y.shape
-        _, correct = _chunked_stats(apply, params, data.test_x.reshape(n * mt, -1), data.test_y.reshape(-1), chunk)
-        mask = jnp.arange(mt)[None, :] < data.test_counts[:, None]
-        hits = jnp.sum(correct.reshape(n, mt) * mask, axis=1)
-        out["client_accuracy"] = jnp.where(data.test_counts > 0, hits / jnp.maximum(data.test_counts, 1), jnp.nan)
+        out["client_accuracy"] = _client_accuracy(apply, ev, clients_per_chunk, shared=params)
         return out
 
     return evaluate
 
 
 def make_personal_evaluator(apply: Apply, *, clients_per_chunk: int = 64):
-    """``evaluate(stacked_params [N, ...], data) -> [N]`` accuracy of each client's own
-    model (e.g. its private teacher) on its local test split (NaN without one)."""
+    """``evaluate(stacked_params [E, ...], ev) -> [E]`` accuracy of each evaluated client's
+    own model (e.g. its private teacher) on its local test split (NaN without one)."""
 
     @jax.jit
-    def evaluate(stacked_params, data: FederatedData) -> jax.Array:
-        def one(args):
-            params, x, y, n = args
-            logits, _ = apply(params, x)
-            hit = (jnp.argmax(logits, -1) == y) & (jnp.arange(y.shape[0]) < n)
-            return jnp.where(n > 0, jnp.sum(hit) / jnp.maximum(n, 1), jnp.nan)
-
-        return jax.lax.map(one, (stacked_params, data.test_x, data.test_y, data.test_counts), batch_size=clients_per_chunk)
+    def evaluate(stacked_params, ev: EvalData) -> jax.Array:
+        return _client_accuracy(apply, ev, clients_per_chunk, stacked=stacked_params)
 
     return evaluate
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fedkd_jax._devices import backends_initialized, configure_cpu_devices
+from fedkd_jax._devices import configure_cpu_devices
 from fedkd_jax.errors import ConfigError
 
 CLIENTS = "clients"
-__all__ = ["CLIENTS", "backends_initialized", "client_mesh", "configure_cpu_devices"]
+__all__ = ["CLIENTS", "client_mesh", "configure_cpu_devices"]
 
 
 def client_mesh(num_devices: int | None = None) -> Mesh:

@@ -1,20 +1,27 @@
-"""The round builder: one ``jax.jit`` program per federated round.
+"""The round builder: one ``jax.jit`` program per dispatch of federated rounds.
 
 Shape key: ``N`` population size, ``C`` cohort size, ``Cp`` cohort padded to a
-multiple of ``devices * group_size``, ``M`` padded examples per client.
+multiple of ``devices * group_size``, ``M`` largest client, ``U`` clients in
+the dispatch's union of cohorts, ``R`` rounds per dispatch.
 
-A round, all inside one compiled program::
+A dispatch: the host samples the cohorts of ``R`` rounds
+(:mod:`fedkd_jax.engine.cohort`), looks up their rows, and gathers the union
+of their per-client states from the client store (:mod:`fedkd_jax.store`).
+Then one compiled program runs, for each round (``lax.scan``)::
 
-    key(seed, round) -> sample C of N clients without replacement
+    key(seed, round) -> straggler draw
       -> shard_map over the 'clients' mesh axis, per device:
            lax.scan over its Cp/devices clients in groups of ``group_size``
-           (vmap inside a group): gather the client's padded data from the
-           replicated population, run ``client_update``, accumulate
-           weight * update, weight and weight * metrics
+           (vmap inside a group): gather the client's rows from the pool
+           and its state from the union, run ``client_update``, compress,
+           accumulate weight * update, weight and weight * metrics
          -> one psum of the flattened sums (the only collective)
       -> mean update -> ``server_update`` (skipped when no client contributed)
       -> optional downlink compression of the global update
-      -> write client state back.
+      -> write the cohort's new states into the union.
+
+The host then scatters the union back into the store. The population never
+lives inside the simulation state, and only the cohort's rows are gathered.
 
 Why groups and a scan rather than one vmap over the cohort: on CPU a client's
 weights then stay in cache for all its local steps, and XLA:CPU runs batched
@@ -24,28 +31,31 @@ tuned setting (1 is best on CPU; larger groups feed accelerators).
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedkd_jax._devices import limit_blas_threads
-from fedkd_jax.algorithms.base import FULL_WORK, LEGACY_STRAGGLER, STRAGGLER, ClientData, FederatedAlgorithm
+from fedkd_jax.algorithms.base import ClientData, FederatedAlgorithm
 from fedkd_jax.algorithms.local import tree_where
 from fedkd_jax.compression import Compressor
 from fedkd_jax.data import FederatedData
+from fedkd_jax.engine.cohort import Plan, key_bits, make_plan, padded_cohort, straggler_flags, union_size
 from fedkd_jax.engine.mesh import CLIENTS, client_mesh
+from fedkd_jax.engine.placement import put_replicated, put_sharded
 from fedkd_jax.errors import ConfigError
+from fedkd_jax.store import ClientStore, make_store
 from fedkd_jax.tree_util import tree_bytes
 
 # Tags folded into the seed key so each use of randomness gets its own stream.
 _SERVER_INIT, _CLIENT_INIT, _ROUND = 0, 1, 2
-_COHORT, _CLIENTS_TAG, _SERVER, _STRAGGLERS, _DOWNLINK = 0, 1, 2, 3, 4
+_CLIENTS_TAG, _SERVER, _DOWNLINK = 1, 2, 4
 _COMPRESS = 0x5EED  # folded into a client's key for its compressor's randomness
 STRAGGLER_MODES = ("fixed", "bernoulli")
 WEIGHTINGS = ("examples", "uniform")
@@ -53,21 +63,25 @@ WEIGHTINGS = ("examples", "uniform")
 
 @struct.dataclass
 class SimState:
-    """Everything a round reads and writes.
+    """Everything a round reads and writes besides the per-client store.
 
     Attributes:
       round: int32 scalar, rounds completed.
       server: the algorithm's server state (global params, optimizer state...).
-      clients: per-client persistent state stacked on a leading ``[N]`` axis,
-        or ``()`` for stateless algorithms.
       key: the run's base PRNG key (from the seed); never advanced: round and
         client keys are derived by folding in their indices.
     """
 
     round: jax.Array
     server: Any
-    clients: Any
     key: jax.Array
+
+
+class PoolData(NamedTuple):
+    """The pooled rows on the devices (replicated): ``x [R, D]``, ``y [R]``."""
+
+    x: jax.Array
+    y: jax.Array
 
 
 def round_key(base: jax.Array, round_index: jax.Array) -> jax.Array:
@@ -80,31 +94,20 @@ def client_key(rkey: jax.Array, client_id: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rkey, _CLIENTS_TAG), client_id)
 
 
-def straggler_flags(rkey: jax.Array, cohort_size: int, padded: int, fraction: float, mode: str) -> jax.Array:
-    """``[padded]`` int32 ``ClientData.straggler`` codes for the cohort's positions.
-
-    ``fixed`` (FedProx, Li et al. 2020): exactly ``round(fraction * C)`` of the
-    ``C`` real positions, uniformly at random, are ``STRAGGLER``.
-    ``bernoulli`` (the older draw): each position independently with
-    probability ``fraction``, coded ``LEGACY_STRAGGLER``. Padding positions are
-    never stragglers.
-    """
-    key = jax.random.fold_in(rkey, _STRAGGLERS)
-    u = jax.random.uniform(key, (cohort_size,))
-    if mode == "fixed":
-        k = round(fraction * cohort_size)  # Python's round, as FedProx's reference code
-        rank = jnp.argsort(jnp.argsort(u))
-        flags = jnp.where(rank < k, STRAGGLER, FULL_WORK)
-    else:
-        flags = jnp.where(u < fraction, LEGACY_STRAGGLER, FULL_WORK)
-    return jnp.concatenate([flags, jnp.zeros((padded - cohort_size,), flags.dtype)]).astype(jnp.int32)
+def client_init_key(base: jax.Array, client_id: jax.Array) -> jax.Array:
+    """The key that initialises client ``client_id``'s persistent state."""
+    return jax.random.fold_in(jax.random.fold_in(base, _CLIENT_INIT), client_id)
 
 
-def sample_cohort(rkey: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
-    """``[C]`` distinct client ids, uniformly without replacement."""
-    if cohort_size == num_clients:
-        return jax.random.permutation(jax.random.fold_in(rkey, _COHORT), num_clients)
-    return jax.random.choice(jax.random.fold_in(rkey, _COHORT), num_clients, (cohort_size,), replace=False)
+@jax.jit
+def _fill_fresh(states: Any, fresh: jax.Array, init: Any) -> Any:
+    def pick(a, b):
+        return jnp.where(fresh.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
+
+    return jax.tree.map(pick, states, init)
+
+
+_INIT_BLOCK = 32  # clients initialised per call (a fixed shape: one compile per run)
 
 
 class Simulator:
@@ -112,8 +115,8 @@ class Simulator:
 
     Args:
       algorithm: a :class:`FederatedAlgorithm`.
-      data: the population (only shapes are read here; pass the arrays to
-        :meth:`step` / :meth:`run`, ideally placed with :meth:`put_data`).
+      data: the population (its row tables stay on the host; place the pooled
+        rows with :meth:`put_data`).
       cohort_size: ``C`` clients per round, sampled without replacement.
       mesh: a 1-D mesh with axis ``clients`` (default: all devices).
       group_size: clients vmapped together inside a device's scan.
@@ -126,11 +129,15 @@ class Simulator:
         holding the previous global model reconstructs, and ``bytes_down``
         counts the compressed payload per cohort client.
       straggler_fraction: share of each cohort that straggles (see
-        :func:`straggler_flags`); only for algorithms with ``supports_stragglers``.
+        :func:`~fedkd_jax.engine.cohort.straggler_flags`); only for algorithms
+        with ``supports_stragglers``.
       straggler_mode: ``fixed`` (exact count, FedProx) or ``bernoulli``.
       weighting: ``examples`` averages updates with the algorithms' weights
         (example counts, McMahan et al. 2017); ``uniform`` gives every
         contributing client weight 1 (FedKD's reference code).
+      store: where per-client states live: ``device``, ``host``, ``disk`` or a
+        :class:`~fedkd_jax.store.ClientStore` (stateless algorithms need none).
+      store_dir: directory of the ``disk`` store.
     """
 
     def __init__(
@@ -146,6 +153,8 @@ class Simulator:
         straggler_fraction: float = 0.0,
         straggler_mode: str = "fixed",
         weighting: str = "examples",
+        store: str | ClientStore = "device",
+        store_dir: str | None = None,
     ):
         n = data.num_clients
         if not 1 <= cohort_size <= n:
@@ -162,6 +171,7 @@ class Simulator:
             raise ConfigError("client.straggler_fraction",
                               f"{algorithm.name} does not simulate stragglers; use fedavg or fedprox, or 0")
         self.algorithm = algorithm
+        self.data = data
         self.mesh = mesh if mesh is not None else client_mesh()
         if self.mesh.devices.size > 1 and jax.default_backend() == "cpu":
             limit_blas_threads()
@@ -174,74 +184,78 @@ class Simulator:
         self.straggler_mode = straggler_mode
         self.weighting = weighting
         self.num_devices = int(self.mesh.devices.size)
-        block = self.num_devices * group_size
-        self.padded_cohort = math.ceil(cohort_size / block) * block
-        self._data_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), data)
+        self.padded_cohort = padded_cohort(cohort_size, self.num_devices, group_size)
+        self.max_examples = data.max_examples
+        self.stateful = algorithm.init_client is not None
+        self.client_template = (jax.eval_shape(algorithm.init_client, jax.random.key(0)) if self.stateful else ())
+        self.store: ClientStore | None = None
+        if self.stateful:
+            self.store = store if isinstance(store, ClientStore) else make_store(
+                store, self.client_template, n, mesh=self.mesh, directory=store_dir)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._by_client = NamedSharding(self.mesh, P(None, CLIENTS))
+        self._server_data = put_replicated(algorithm.server_data, self._replicated)
 
         abstract = jax.eval_shape(self.init, 0)
         if algorithm.download_bytes is not None:
             self.bytes_down_per_client = int(algorithm.download_bytes)
         else:
             self.bytes_down_per_client = tree_bytes(jax.eval_shape(algorithm.broadcast, abstract.server))
-        out = self._abstract_output(abstract)
-        self.bytes_up_per_client = tree_bytes(out.update)
-        self._replicated = NamedSharding(self.mesh, P())
-        self._step = jax.jit(self._round)
-        self._run = jax.jit(self._rounds, static_argnums=2)
+        self.bytes_up_per_client = tree_bytes(self._abstract_output(abstract).update)
+        self._program = jax.jit(self._rounds, static_argnums=(0,))
+        self._init_block = jax.jit(self.init_clients)
 
     # ----------------------------------------------------------------- setup
     def init(self, seed: int | jax.Array) -> SimState:
-        """Initial state: server from ``(seed)``, client ``i`` from ``(seed, i)``."""
+        """Initial state: server from ``(seed)``; clients start lazily from ``(seed, client)``."""
         base = jax.random.key(seed)
         server = self.algorithm.init(jax.random.fold_in(base, _SERVER_INIT))
-        clients: Any = ()
-        if self.algorithm.init_client is not None:
-            ck = jax.random.fold_in(base, _CLIENT_INIT)
-            keys = jax.vmap(lambda i: jax.random.fold_in(ck, i))(jnp.arange(self.num_clients))
-            clients = jax.vmap(self.algorithm.init_client)(keys)
-        return SimState(jnp.zeros((), jnp.int32), server, clients, base)
+        return SimState(jnp.zeros((), jnp.int32), server, base)
 
-    def put_data(self, data: FederatedData) -> FederatedData:
-        """Place the population on the mesh, replicated (each device gathers its own clients)."""
-        return jax.device_put(data, self._replicated)
+    def init_clients(self, key: jax.Array, ids: jax.Array) -> Any:
+        """The initial states ``[len(ids), ...]`` of clients ``ids`` of the run keyed ``key``."""
+        return jax.vmap(lambda i: self.algorithm.init_client(client_init_key(key, i)))(ids)
+
+    def put_data(self, data: FederatedData | None = None) -> PoolData:
+        """Place the pooled rows on the mesh, replicated (each device gathers its clients' rows)."""
+        data = self.data if data is None else data
+        return put_replicated(PoolData(data.x, data.y), self._replicated)
 
     def put_state(self, state: SimState) -> SimState:
-        return jax.device_put(state, self._replicated)
+        return put_replicated(state, self._replicated)
+
+    def reset_store(self) -> None:
+        """Forget every client's stored state (start a new run on this simulator)."""
+        if self.store is not None:
+            self.store.reset()
 
     def _abstract_output(self, abstract: SimState):
-        d = self._data_shapes
         cd = ClientData(
-            jax.ShapeDtypeStruct(d.x.shape[1:], d.x.dtype),
-            jax.ShapeDtypeStruct(d.y.shape[1:], d.y.dtype),
+            jax.ShapeDtypeStruct((self.max_examples, self.data.num_features), jnp.float32),
+            jax.ShapeDtypeStruct((self.max_examples,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32),
         )
-        cs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract.clients)
         bc = jax.eval_shape(self.algorithm.broadcast, abstract.server)
-        return jax.eval_shape(self.algorithm.client_update, bc, cs, cd, abstract.key)
+        return jax.eval_shape(self.algorithm.client_update, bc, self.client_template, cd, abstract.key)
 
     # ----------------------------------------------------------------- round
-    def _clients(self, bcast, rkey, round_index, ids, valid, stragglers, store, data: FederatedData):
+    def _clients(self, bcast, rkey, round_index, ids, rows, counts, pos, stragglers, union, pool, sdata):
         """Per-device body of the shard_map: this device's slice of the cohort.
 
-        ``ids``, ``valid``, ``store`` and ``data`` arrive replicated; each device
-        slices its own clients and gathers their data and state locally, so the
-        round needs no collective besides the final all-reduce.
+        ``ids``, ``rows``, ``counts``, ``pos`` and ``stragglers`` arrive sharded
+        (each device sees its own clients); the union of states and the pool
+        arrive replicated. The round needs no collective besides the final
+        all-reduce.
         """
         alg, g = self.algorithm, self.group_size
         # Each client trains its own copy of the broadcast: mark it as varying over
         # the mesh axis, or gradients w.r.t. it would be summed across devices.
         bcast = jax.tree.map(lambda a: jax.lax.pcast(a, CLIENTS, to="varying"), bcast)
-        n_local = self.padded_cohort // self.num_devices
-        start = jax.lax.axis_index(CLIENTS) * n_local
-        ids = jax.lax.dynamic_slice_in_dim(ids, start, n_local)
-        valid = jax.lax.dynamic_slice_in_dim(valid, start, n_local)
-        stragglers = jax.lax.dynamic_slice_in_dim(stragglers, start, n_local)
-        safe_ids = jnp.minimum(ids, self.num_clients - 1)
-        cstates = jax.tree.map(lambda a: a[safe_ids], store)
+        n_local = ids.shape[0]
+        cstates = jax.tree.map(lambda a: jnp.take(a, pos, axis=0, mode="clip"), union)
 
-        def one(cid, ok, strag, cstate):
-            safe = jnp.minimum(cid, self.num_clients - 1)
-            cd = ClientData(data.x[safe], data.y[safe], jnp.where(ok, data.counts[safe], 0), strag)
+        def one(cid, crow, count, strag, cstate):
+            cd = ClientData(pool.x[crow], pool.y[crow], count, strag)
             ckey = client_key(rkey, cid)
             out = alg.client_update(bcast, cstate, cd, ckey)
             if self.weighting == "uniform":
@@ -252,12 +266,12 @@ class Simulator:
                 out = out._replace(update=update)
                 nbytes = payload if nbytes is None else nbytes
             if alg.aux_from_update is not None:
-                out = out._replace(aux=alg.aux_from_update(bcast, out.update))
+                out = out._replace(aux=alg.aux_from_update(bcast, out.update, sdata))
             if nbytes is None:
                 nbytes = self.bytes_up_per_client
             # A client contributes when it is real and its weight is positive; a
             # dropped client (e.g. a FedAvg straggler) uploads nothing.
-            sent = ok & (out.weight > 0)
+            sent = (count > 0) & (out.weight > 0)
             aux_w = out.weight if out.aux_weight is None else out.aux_weight
             sentf = sent.astype(jnp.float32)
             return out._replace(weight=out.weight * sentf, aux_weight=aux_w * sentf,
@@ -265,7 +279,7 @@ class Simulator:
 
         per_client = one if g == 1 else jax.vmap(one)
         xs = jax.tree.map(lambda a: a.reshape((n_local // g, g) + a.shape[1:]) if g > 1 else a,
-                          (ids, valid, stragglers, cstates))
+                          (ids, rows, counts, stragglers, cstates))
 
         def weighted_sums(out):
             w, aw = out.weight, out.aux_weight
@@ -298,13 +312,9 @@ class Simulator:
         # The only cross-device collective of the round: one all-reduce.
         return unravel(jax.lax.psum(flat, CLIENTS)), per_client_out
 
-    def _round(self, state: SimState, data: FederatedData):
+    def _round(self, state: SimState, union, ids, rows, counts, pos, pool: PoolData, sdata):
         alg = self.algorithm
         rkey = round_key(state.key, state.round)
-        cohort = sample_cohort(rkey, self.num_clients, self.cohort_size)
-        pad = self.padded_cohort - self.cohort_size
-        ids = jnp.concatenate([cohort, jnp.full((pad,), self.num_clients, cohort.dtype)])
-        valid = jnp.arange(self.padded_cohort) < self.cohort_size
         if self.straggler_fraction > 0:
             stragglers = straggler_flags(rkey, self.cohort_size, self.padded_cohort, self.straggler_fraction,
                                          self.straggler_mode)
@@ -315,11 +325,11 @@ class Simulator:
         sharded = jax.shard_map(
             self._clients,
             mesh=self.mesh,
-            in_specs=(P(),) * 8,
+            in_specs=(P(), P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(), P(), P()),
             out_specs=(P(), P(CLIENTS)),
         )
         (upd_sum, aux_sum, w_sum, aux_w_sum, contributing, met_sum), (new_states, client_bytes) = sharded(
-            bcast, rkey, state.round, ids, valid, stragglers, state.clients, data
+            bcast, rkey, state.round, ids, rows, counts, pos, stragglers, union, pool, sdata
         )
         # A round in which no client contributed changes nothing on the server
         # (model and optimizer state) and reports NaN client metrics.
@@ -328,7 +338,7 @@ class Simulator:
         mean_update = jax.tree.map(lambda u: u / denom, upd_sum)
         mean_aux = jax.tree.map(lambda u: u / jnp.where(aux_w_sum > 0, aux_w_sum, 1.0), aux_sum)
         skey = jax.random.fold_in(rkey, _SERVER)
-        server, server_metrics = alg.server_update(state.server, mean_update, mean_aux, skey)
+        server, server_metrics = alg.server_update(state.server, mean_update, mean_aux, skey, sdata)
         metrics = {}
         if self.downlink is not None:
             old = alg.model_params(state.server)
@@ -337,7 +347,7 @@ class Simulator:
             server = alg.set_model_params(server, jax.tree.map(jnp.add, old, sent))
             metrics["bytes_down_client"] = jnp.where(any_client, jnp.round(down), 0).astype(jnp.int32)
         server = tree_where(any_client, server, state.server)
-        clients = jax.tree.map(lambda a, b: a.at[ids].set(b, mode="drop"), state.clients, new_states)
+        union = jax.tree.map(lambda a, b: a.at[pos].set(b, mode="drop"), union, new_states)
         nan = jnp.float32(jnp.nan)
         metrics.update({("train_" + k if k == "loss" else "client_" + k): jnp.where(any_client, v / denom, nan)
                         for k, v in met_sum.items()})
@@ -345,26 +355,109 @@ class Simulator:
         metrics["weight_sum"] = w_sum
         metrics["clients_contributing"] = contributing.astype(jnp.int32)
         metrics["bytes_up_clients"] = client_bytes  # [Cp] int32, exact (0 for padding and dropped clients)
-        if self.algorithm.init_client is not None:
-            metrics["cohort"] = cohort  # whose persistent state changed (incremental checkpoints)
-        return SimState(state.round + 1, server, clients, state.key), metrics
+        return SimState(state.round + 1, server, state.key), union, metrics
 
-    def _rounds(self, state: SimState, data: FederatedData, num_rounds: int):
-        return jax.lax.scan(lambda s, _: self._round(s, data), state, None, length=num_rounds)
+    def _rounds(self, num_rounds: int, state: SimState, pool: PoolData, ids, rows, counts, pos, union, sdata):
+        def body(carry, xs):
+            st, un = carry
+            st, un, m = self._round(st, un, *xs, pool, sdata)
+            return (st, un), m
+
+        (state, union), metrics = jax.lax.scan(body, (state, union), (ids, rows, counts, pos), length=num_rounds)
+        return state, union, metrics
 
     # ------------------------------------------------------------------ API
-    def step(self, state: SimState, data: FederatedData) -> tuple[SimState, dict[str, jax.Array]]:
-        """One round (compiled once, then reused). Returns when the round is done.
+    def plan(self, key: jax.Array | tuple[int, ...], start: int, num_rounds: int) -> Plan:
+        """The host-side plan (cohorts, rows, union) of ``num_rounds`` rounds from ``start``."""
+        return make_plan(self.data, key, start, num_rounds, self.cohort_size, self.padded_cohort,
+                         stateful=self.stateful)
 
-        Blocking is deliberate: XLA:CPU's in-process collectives can deadlock
-        when several multi-device executions are queued at once (seen with
-        jaxlib 0.10 on 2 cores). Use :meth:`run` to amortise dispatch instead.
+    def initial_states(self, key: jax.Array, ids: np.ndarray) -> list[np.ndarray]:
+        """Host copies (one array per leaf, ``[len(ids), ...]``) of the seed-defined
+        initial states of clients ``ids``, computed in fixed-size blocks on one
+        device, so the initialiser compiles once per run."""
+        ids = np.asarray(ids, np.int32)
+        b = _INIT_BLOCK
+        out = []
+        for i in range(0, len(ids), b):
+            block = np.zeros(b, np.int32)
+            block[: len(ids[i:i + b])] = ids[i:i + b]
+            out.append([np.asarray(a) for a in jax.tree.leaves(jax.device_get(self._init_block(key, block)))])
+        if not out:
+            return [np.zeros((0,) + tuple(t.shape), t.dtype) for t in jax.tree.leaves(self.client_template)]
+        return [np.concatenate(parts)[: len(ids)] for parts in zip(*out)]
+
+    def complete(self, key: jax.Array, ids: np.ndarray, states: Any, fresh: np.ndarray) -> Any:
+        """Gathered ``states`` of clients ``ids`` with the ``fresh`` (never stored)
+        ones set to their initial state, placed on the mesh (replicated)."""
+        ids, fresh = np.asarray(ids), np.asarray(fresh, bool)
+        if fresh.any():
+            init = self.initial_states(key, ids[fresh])
+            leaves = jax.tree.leaves(states)
+            if all(isinstance(a, np.ndarray) for a in leaves):
+                for a, rows in zip(leaves, init):
+                    a[fresh] = rows
+            else:  # device store: fill on the devices
+                full = [np.zeros(a.shape, a.dtype) for a in leaves]
+                for f, rows in zip(full, init):
+                    f[fresh] = rows
+                treedef = jax.tree.structure(states)
+                states = _fill_fresh(states, put_replicated(fresh, self._replicated),
+                                     put_replicated(jax.tree.unflatten(treedef, full), self._replicated))
+        return put_replicated(states, self._replicated)
+
+    def gather(self, plan: Plan, key: jax.Array) -> Any:
+        """The plan's union of client states, complete and placed on the mesh."""
+        if not self.stateful:
+            return ()
+        return self.complete(key, plan.union, *self.store.gather(plan.union))
+
+    def execute(self, state: SimState, pool: PoolData, plan: Plan, gathered: Any = None):
+        """Run the plan's rounds in one dispatch; write the new client states to the store.
+
+        ``gathered``: the plan's union of states from :meth:`gather` (gathered now
+        when ``None``). Blocks until done: XLA:CPU's in-process collectives can
+        deadlock when several multi-device executions are queued at once (seen
+        with jaxlib 0.10 on 2 cores).
+
+        Returns:
+          ``(state, metrics)``, each metric stacked ``[R]``.
         """
-        return jax.block_until_ready(self._step(state, data))
+        r = plan.ids.shape[0]
+        if self.stateful:
+            self.store.bind(key_bits(state.key), plan.start)
+        union = self.gather(plan, state.key) if gathered is None else gathered
+        state, union, metrics = jax.block_until_ready(self._program(r, state, pool, *self._args(plan, union)))
+        if self.stateful:
+            self.store.scatter(plan.union, union)
+            self.store.round = plan.start + r
+        return state, metrics
 
-    def run(self, state: SimState, data: FederatedData, num_rounds: int):
+    def _args(self, plan: Plan, union):
+        ids, rows, counts, pos = (put_sharded(a, self._by_client) for a in (plan.ids, plan.rows, plan.counts, plan.pos))
+        return ids, rows, counts, pos, union, self._server_data
+
+    def run(self, state: SimState, pool: PoolData, num_rounds: int):
         """``num_rounds`` rounds in one dispatch (``lax.scan``); metrics stacked ``[R]``."""
-        return jax.block_until_ready(self._run(state, data, int(num_rounds)))
+        start = int(jax.device_get(state.round)) if not isinstance(state.round, int) else state.round
+        return self.execute(state, pool, self.plan(state.key, start, int(num_rounds)))
+
+    def step(self, state: SimState, pool: PoolData) -> tuple[SimState, dict[str, jax.Array]]:
+        """One round (compiled once, then reused)."""
+        state, metrics = self.run(state, pool, 1)
+        return state, jax.tree.map(lambda a: a[0], metrics)
+
+    def client_states(self, key: jax.Array, ids: np.ndarray | None = None) -> Any:
+        """Current states ``[len(ids), ...]`` of clients ``ids`` (default all); untouched
+        clients come out at their seed-defined initial state (``key``: the run's key)."""
+        ids = np.arange(self.num_clients) if ids is None else np.asarray(ids)
+        return self.complete(key, ids, *self.store.gather(ids))
+
+    def eval_data(self, ids: np.ndarray | None = None):
+        """Evaluation inputs (global test set, local tests of clients ``ids``) on the mesh."""
+        from fedkd_jax.engine.evaluation import make_eval_data
+
+        return make_eval_data(self.data, self.put_data(), self._replicated, ids=ids)
 
     def round_bytes(self) -> tuple[int, int]:
         """``(bytes_up, bytes_down)`` of one full round without compression or dropped
@@ -372,6 +465,12 @@ class Simulator:
         (and ``bytes_down_client`` with downlink compression)."""
         return self.cohort_size * self.bytes_up_per_client, self.cohort_size * self.bytes_down_per_client
 
-    def lower(self, state: SimState, data: FederatedData):
-        """The lowered round (for inspecting HLO or compile time)."""
-        return self._step.lower(state, data)
+    def union_size(self, num_rounds: int) -> int:
+        return union_size(num_rounds, self.cohort_size, self.num_clients) if self.stateful else 0
+
+    def lower(self, state: SimState, pool: PoolData, num_rounds: int = 1):
+        """The lowered dispatch program (for inspecting HLO or compile time)."""
+        plan = self.plan(state.key, 0, num_rounds)
+        union = jax.tree.map(lambda t: jax.ShapeDtypeStruct((len(plan.union),) + t.shape, t.dtype, sharding=self._replicated),
+                             self.client_template)
+        return self._program.lower(num_rounds, state, pool, *self._args(plan, union))

@@ -10,10 +10,11 @@
   never deleting it) with a report, and restores the newest good one.
 * Restores go through an abstract target carrying the *current* mesh's
   shardings: a checkpoint written on 4 devices restores on 2 or 1, and back.
-* The per-client population store (``SimState.clients``, e.g. FedKD's
-  private teachers) is not rewritten whole each time: orbax saves the rest of
-  the state, and :mod:`fedkd_jax.run.client_store` writes only the clients
-  changed since the previous checkpoint, chained to a periodic full base.
+* The per-client population store (:mod:`fedkd_jax.store`, e.g. FedKD's
+  private teachers) is not part of the state and is not rewritten whole:
+  orbax saves the simulation state, and :mod:`fedkd_jax.run.client_store`
+  writes only the clients changed since the previous checkpoint, chained to
+  a periodic base of the touched clients.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedkd_jax.engine.cohort import key_bits
 from fedkd_jax.run.client_store import ClientStoreCheckpointer, IntegrityError
 
 FORMAT = 2
@@ -80,16 +82,17 @@ class Checkpointer:
       directory: orbax's directory (``<run>/checkpoints``); the incremental
         client store lives beside it in ``<run>/checkpoints-clients``.
       keep: checkpoints retained.
-      num_clients: population size (needed when the state has a client store).
+      store: the live client store (:mod:`fedkd_jax.store`), or ``None``.
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, num_clients: int | None = None):
+    def __init__(self, directory: str, *, keep: int = 3, store: Any = None):
         self.directory = os.path.abspath(directory)
         self.keep = keep
         self.manager = self._manager()
         self.events: list[str] = []
         self.store_dir = self.directory.rstrip(os.sep) + "-clients"
-        self.store = ClientStoreCheckpointer(self.store_dir, num_clients) if num_clients else None
+        self.client_store = store  # the live ClientStore, or None for stateless algorithms
+        self.store = ClientStoreCheckpointer(self.store_dir, store.num_clients) if store is not None else None
         self.blocking_seconds = 0.0  # time save() held up the caller
 
     def _manager(self) -> ocp.CheckpointManager:
@@ -99,40 +102,34 @@ class Checkpointer:
             item_names=("state", "integrity"),
         )
 
-    @staticmethod
-    def _has_store(state: Any) -> bool:
-        return bool(jax.tree.leaves(state.clients))
-
-    def save(self, round_index: int, state: Any, dirty: np.ndarray | None = None) -> None:
-        """Save ``state`` at ``round_index``; ``dirty``: clients changed since the last save.
+    def save(self, round_index: int, state: Any) -> None:
+        """Save ``state`` (and the client store's changes) at ``round_index``.
 
         Without a client store this is one asynchronous orbax save. With one,
-        the caller only takes zero-copy views; the writer thread then writes the
-        store segment, *then* commits the orbax step (waiting for it) and only
-        then prunes store files, so a checkpoint never names a missing file and
-        files are never pruned before a newer checkpoint is committed.
+        the caller copies the rows changed since the last save out of the store;
+        the writer thread then writes the store segment, *then* commits the
+        orbax step (waiting for it) and only then prunes store files, so a
+        checkpoint never names a missing file and files are never pruned
+        before a newer checkpoint is committed.
         """
         t0 = time.perf_counter()
         r = int(round_index)
-        if not self._has_store(state):
-            record = {"format": FORMAT, "round": r, "checksums": checksums(state), "store_chain": None}
+        record = {"format": FORMAT, "round": r, "checksums": checksums(state), "store_chain": None}
+        if self.store is None:
             self._orbax_save(r, state, record)
         else:
-            if self.store is None:
-                raise ValueError("this state has a client store: pass num_clients to Checkpointer")
-            small = state.replace(clients=())
-            record = {"format": FORMAT, "round": r, "checksums": checksums(small)}
-
             def commit(chain):
-                path = os.path.join(self.store_dir, f"chain-{r:09d}.json")
-                with open(path + ".tmp", "w") as f:
-                    json.dump(chain, f)
-                os.replace(path + ".tmp", path)
-                self._orbax_save(r, small, dict(record, store_chain=chain))
+                if self.store.primary:
+                    path = os.path.join(self.store_dir, f"chain-{r:09d}.json")
+                    with open(path + ".tmp", "w") as f:
+                        json.dump(chain, f)
+                    os.replace(path + ".tmp", path)
+                self._orbax_save(r, state, dict(record, store_chain=chain))
                 self.manager.wait_until_finished()
-                self._prune()
+                if self.store.primary:
+                    self._prune()
 
-            self.store.save(r, state.clients, dirty, then=commit)
+            self.store.save(r, self.client_store, self.client_store.take_dirty(), then=commit)
         self.blocking_seconds += time.perf_counter() - t0
 
     def _orbax_save(self, r: int, state: Any, record: dict) -> None:
@@ -167,20 +164,16 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore(self, round_index: int, like: Any) -> Any:
-        """Restore one step into ``like``'s structure and shardings and verify it.
-
-        ``like`` should be the run's initial state (``sim.init(seed)`` placed on the
-        mesh): its client store is the base of the incremental store chain.
+        """Restore one step into ``like``'s structure and shardings and verify it;
+        rebuild the client store (if any) from the step's chain.
 
         Raises:
           IntegrityError: the step's files are missing, truncated or altered.
         """
-        has_store = self._has_store(like)
-        small_like = like.replace(clients=()) if has_store else like
         try:
             r = self.manager.restore(
                 int(round_index),
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(small_like)),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(like)),
                                         integrity=ocp.args.JsonRestore()),
             )
         except Exception as e:  # noqa: BLE001 - classify below
@@ -194,12 +187,10 @@ class Checkpointer:
             raise IntegrityError(f"state holds round {int(np.asarray(state.round))}")
         if record.get("checksums") != checksums(state):
             raise IntegrityError("checksum mismatch (the files were altered after saving)")
-        if has_store:
-            if self.store is None:
-                raise ValueError("this state has a client store: pass num_clients to Checkpointer")
-            host = self.store.load(record.get("store_chain") or [], like.clients)
-            clients = jax.tree.map(lambda h, l: jax.device_put(h, l.sharding), host, like.clients)
-            state = state.replace(clients=clients)
+        if self.store is not None:
+            self.store.load(record.get("store_chain") or [], self.client_store)
+            self.client_store.owner = key_bits(state.key)
+            self.client_store.round = int(round_index)
         return state
 
     def restore_latest(self, like: Any) -> tuple[Any, int] | None:

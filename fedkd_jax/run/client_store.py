@@ -4,13 +4,14 @@ A FedKD population of 1,000 clients carries about 880 MB of private
 teachers, but a round changes only its cohort's entries. And the store's
 starting point is a pure function of the seed (every client's state is
 initialised from ``(seed, client)``), so it is never written: a chain starts
-from the virtual base ``init``, which a restore rebuilds from the run's
-initial state. Rewriting the whole
-store every few rounds would dominate the run: about 6.5 s per save against
-0.6 s for 10 rounds on W2-sized models. Instead each checkpoint writes a
-*segment* holding only the rows changed since the previous checkpoint, and
-once the segments add up to ``compact_factor`` times the store, a full
-*base* is written.
+from the virtual base ``init`` (every client untouched, see
+:mod:`fedkd_jax.store`). Rewriting the whole store every few rounds would
+dominate the run: about 6.5 s per save against 0.6 s for 10 rounds on
+W2-sized models. Instead each checkpoint writes a *segment* holding only the
+rows changed since the previous checkpoint (copied out of the live store
+when the checkpoint is taken), and once the segments add up to
+``compact_factor`` times the touched clients, a *base* of every touched
+client is written. A disk store is therefore never copied whole.
 
 To restore round ``r``, its base is loaded and its segments are applied in
 order. The checkpoint's integrity record (see
@@ -45,18 +46,6 @@ class StoreWriteError(RuntimeError):
     """A background write of the client store failed."""
 
 
-def _host_view(leaf: jax.Array) -> np.ndarray:
-    """A host view of one copy of a (replicated) store leaf; zero-copy on CPU.
-
-    The view keeps the device buffer alive, and states are never donated, so
-    the background writer can read it while later rounds run.
-    """
-    shards = getattr(leaf, "addressable_shards", None)
-    if shards and leaf.is_fully_replicated:
-        return np.asarray(shards[0].data)
-    return np.asarray(jax.device_get(leaf))
-
-
 def _lower_priority() -> None:
     """Let training threads win the cores: the writer only needs idle time."""
     try:
@@ -81,21 +70,25 @@ class ClientStoreCheckpointer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkd-store", initializer=_lower_priority)
         self._pending: list[Future] = []
         self.writer_cpu_seconds = 0.0  # CPU time the background writer has spent
+        self.primary = jax.process_index() == 0
 
     # ---------------------------------------------------------------- save
     def start_from_init(self) -> None:
         """Begin a fresh run: the chain's base is the (unsaved) initial store."""
-        self.chain = [{"kind": "init", "round": 0, "file": None, "rows": self.num_clients}]
+        self.chain = [{"kind": "init", "round": 0, "file": None, "rows": 0}]
         self._rows_since_base = 0
 
     def save(self, round_index: int, store: Any, dirty: np.ndarray | None,
              then: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
         """Queue this round's entry; return the chain a checkpoint of this round needs.
 
-        ``dirty``: ids of clients whose state changed since the previous save
-        (``None``: unknown, write a base). ``then(chain)`` runs on the writer
-        thread once the file is on disk (the caller commits its checkpoint there,
-        so no checkpoint ever names a store file that does not exist yet).
+        ``store`` is the live :class:`~fedkd_jax.store.ClientStore`; the rows
+        are copied out of it here, so later rounds may overwrite it while the
+        writer thread works. ``dirty``: ids of clients whose state changed since
+        the previous save (``None``: unknown, write a base of every touched
+        client). ``then(chain)`` runs on the writer thread once the file is on
+        disk (the caller commits its checkpoint there, so no checkpoint ever
+        names a store file that does not exist yet).
 
         Raises:
           StoreWriteError: an earlier background write failed (disk full, ...).
@@ -105,17 +98,24 @@ class ClientStoreCheckpointer:
         while len(self._pending) > 1:  # bound the backlog (each entry pins a store's buffers)
             self._pending[0].exception()  # waits
             self._check_failures()
+        touched = int(store.touched.sum())
         full = dirty is None or not self.chain or (
-            self._rows_since_base + len(dirty) > self.compact_factor * self.num_clients)
-        ids = np.arange(self.num_clients) if full else np.unique(np.asarray(dirty, np.int64))
-        views = [_host_view(leaf) for leaf in jax.tree.leaves(store)]
+            self._rows_since_base + len(dirty) > self.compact_factor * max(touched, 1))
+        ids = np.flatnonzero(store.touched).astype(np.int64) if full else np.unique(np.asarray(dirty, np.int64))
+        views = store.read(ids)
         kind = "base" if full else "segment"
         name = f"{kind}-{int(round_index):09d}.npy"
         entry = {"kind": kind, "round": int(round_index), "file": name, "rows": int(len(ids))}
         self.chain = [entry] if full else self.chain + [entry]
         self._rows_since_base = 0 if full else self._rows_since_base + len(ids)
         chain = [dict(e) for e in self.chain]
-        self._pending.append(self._pool.submit(self._write_then, name, ids, views, full, then, chain))
+        if jax.process_count() > 1:
+            # Committing an orbax step synchronises processes with device collectives;
+            # from a background thread it could interleave with a round's collectives
+            # differently on each process. Multi-process jobs commit on the main thread.
+            self._write_then(name, ids, views, full, then, chain)
+        else:
+            self._pending.append(self._pool.submit(self._write_then, name, ids, views, full, then, chain))
         return chain
 
     def _check_failures(self) -> None:
@@ -130,9 +130,10 @@ class ClientStoreCheckpointer:
         if then is not None:
             then(chain)
 
-    def _write(self, name: str, ids: np.ndarray, views: list[np.ndarray], full: bool) -> None:
+    def _write(self, name: str, ids: np.ndarray, leaves: list[np.ndarray], full: bool) -> None:
+        if not self.primary:  # in a multi-process job process 0 writes the shared files
+            return
         t0 = time.thread_time()
-        leaves = views if full else [v[ids] for v in views]
         path = os.path.join(self.directory, name)
         crcs = np.array([_crc(ids)] + [_crc(a) for a in leaves], np.uint32)
         with open(path + ".tmp", "wb") as f:
@@ -152,21 +153,17 @@ class ClientStoreCheckpointer:
                     from fut.exception()
 
     # -------------------------------------------------------------- restore
-    def load(self, chain: list[dict[str, Any]], like: Any) -> Any:
-        """Rebuild the store (host numpy, ``like``'s structure) from ``chain``, verifying CRCs.
+    def load(self, chain: list[dict[str, Any]], store: Any) -> None:
+        """Rebuild ``store`` (a :class:`~fedkd_jax.store.ClientStore`) from ``chain``, verifying CRCs.
 
-        ``like`` must hold the run's *initial* store when the chain starts at ``init``.
+        The store is reset to the seed-defined start, then the base (if any) and
+        the segments are written in order.
         """
         if not chain or chain[0]["kind"] not in ("base", "init"):
             raise IntegrityError("client-store chain does not start with a base")
-        leaves_like, treedef = jax.tree.flatten(like)
-        out: list[np.ndarray] | None = None
-        if chain[0]["kind"] == "init":
-            out = [np.array(a) for a in jax.device_get(leaves_like)]
-            chain_files = chain[1:]
-        else:
-            chain_files = chain
-        for entry in chain_files:
+        leaves_like = jax.tree.leaves(store.template)
+        entries = []
+        for entry in (chain[1:] if chain[0]["kind"] == "init" else chain):
             path = os.path.join(self.directory, entry["file"])
             if not os.path.exists(path):
                 raise IntegrityError(f"client-store file {entry['file']} is missing")
@@ -180,22 +177,22 @@ class ClientStoreCheckpointer:
             crcs = np.array([_crc(ids)] + [_crc(a) for a in arrays], np.uint32)
             if not np.array_equal(crcs, stored) or len(ids) != entry["rows"]:
                 raise IntegrityError(f"client-store file {entry['file']} fails its checksum")
-            if out is None:
-                if len(ids) != self.num_clients:
-                    raise IntegrityError(f"base {entry['file']} holds {len(ids)} of {self.num_clients} clients")
-                out = arrays
-            else:
-                for a, b in zip(out, arrays):
-                    a[ids] = b
-        for a, l in zip(out, leaves_like):
-            if a.shape != tuple(l.shape) or a.dtype != l.dtype:
-                raise ValueError(f"client-store array {a.shape} {a.dtype} does not match {l.shape} {l.dtype}")
+            if len(ids) and (ids.min() < 0 or ids.max() >= self.num_clients):
+                raise IntegrityError(f"client-store file {entry['file']} names clients outside the population")
+            for a, t in zip(arrays, leaves_like):
+                if a.shape[1:] != tuple(t.shape) or a.dtype != t.dtype:
+                    raise ValueError(f"client-store array {a.shape} {a.dtype} does not match {t.shape} {t.dtype}")
+            entries.append((ids, arrays))
+        store.reset()  # only once every file has verified: a failure leaves the store as it was
+        for ids, arrays in entries:
+            store.write(ids, arrays)
         self.chain = [dict(e) for e in chain]
         self._rows_since_base = sum(e["rows"] for e in chain if e["kind"] == "segment")  # as save() counts
-        return jax.tree.unflatten(treedef, out)
 
     def prune(self, keep_files: set[str]) -> None:
         """Delete store data files that no retained checkpoint needs (call on the writer thread)."""
+        if not self.primary:
+            return
         keep = set(keep_files) | {e["file"] for e in self.chain if e["file"]}
         for name in os.listdir(self.directory):
             if (name.endswith(".npy") and name not in keep) or name.endswith(".npy.tmp"):

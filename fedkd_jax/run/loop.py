@@ -27,12 +27,22 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model, client_weighting
+from fedkd_jax import distributed
+from fedkd_jax.builders import build_algorithm, build_data, build_model, build_simulator
 from fedkd_jax.config import Config, resolve_defaults, to_dict, to_yaml, validate
-from fedkd_jax.paths import check_writable_dir
+from fedkd_jax.engine import (
+    Simulator,
+    eval_clients,
+    fetch,
+    make_evaluator,
+    make_personal_evaluator,
+    summarize_clients,
+)
+from fedkd_jax.engine.cohort import key_bits
 from fedkd_jax.errors import CheckpointError, ConfigError
-from fedkd_jax.engine import Simulator, client_mesh, make_evaluator, make_personal_evaluator, summarize_clients
+from fedkd_jax.paths import check_writable_dir
 from fedkd_jax.run.checkpoint import Checkpointer
+from fedkd_jax.run.prefetch import Prefetcher
 from fedkd_jax.run.client_store import IntegrityError
 from fedkd_jax.run.outputs import MetricsLog, plot_accuracy
 from fedkd_jax.run.resume import check_compatible, complete_rows, saved_config
@@ -57,21 +67,24 @@ def _next_boundary(r: int, every: int) -> int:
     return (r // every + 1) * every
 
 
-def _evaluator(algorithm):
-    """``(state, data) -> dict`` of global metrics, per-client accuracy summary and,
-    for algorithms with personal models (FedKD teachers), their accuracy summary."""
+def _evaluator(sim: Simulator, ev_ids: np.ndarray):
+    """``(state) -> dict`` of global metrics, per-client accuracy summary and,
+    for algorithms with personal models (FedKD teachers), their accuracy summary,
+    on the clients ``ev_ids`` (all of them, or a fixed sample of a large population)."""
+    algorithm = sim.algorithm
+    ev_data = sim.eval_data(ev_ids)
     global_eval = make_evaluator(algorithm.model.apply)
     personal_eval = None
     if algorithm.personal_model is not None:
         personal_eval = make_personal_evaluator(algorithm.personal_model.apply)
 
-    def evaluate(state, data) -> dict[str, Any]:
-        ev = jax.device_get(global_eval(algorithm.model_params(state.server), data))
+    def evaluate(state) -> dict[str, Any]:
+        ev = {k: fetch(v) for k, v in global_eval(algorithm.model_params(state.server), ev_data).items()}
         out = {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
         out.update(summarize_clients(ev["client_accuracy"]))
         if personal_eval is not None:
-            acc = jax.device_get(personal_eval(algorithm.personal_params(state.clients), data))
-            out.update(summarize_clients(acc, prefix="teacher_acc"))
+            params = algorithm.personal_params(sim.client_states(state.key, ev_ids))
+            out.update(summarize_clients(fetch(personal_eval(params, ev_data)), prefix="teacher_acc"))
         return out
 
     return evaluate
@@ -127,15 +140,12 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     data = build_data(cfg)
     model = build_model(cfg, data)
     algorithm = build_algorithm(cfg, model, data)
-    sim = Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=client_mesh(r.devices),
-                    group_size=r.group_size, compressor=build_compressor(cfg),
-                    downlink=build_compressor(cfg, downlink=True), weighting=client_weighting(cfg),
-                    straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode)
-    evaluate = _evaluator(algorithm)
+    sim = build_simulator(cfg, data, algorithm, out_dir=out_dir)
+    evaluate = _evaluator(sim, eval_clients(data.num_clients, r.eval_clients, r.seed))
 
-    dev_data = sim.put_data(data)
+    pool = sim.put_data()
     state = sim.put_state(sim.init(r.seed))
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, num_clients=data.num_clients)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, store=sim.store)
     resumed_from = None
     restored = None
     if previous is not None:
@@ -153,13 +163,17 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     else:
         ckpt.start_fresh()
 
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("config.yaml", to_yaml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    log = MetricsLog(out_dir)
-    log.reset(complete_rows(out_dir, resumed_from or 0))
+    primary = distributed.is_primary()
+    kept_rows = complete_rows(out_dir, resumed_from or 0)
+    distributed.barrier("fedkd-read-run-dir")  # every process has read the run dir before process 0 writes
+    if primary:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, text in (("config.yaml", to_yaml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
+            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                f.write(text)
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    log = MetricsLog(out_dir, writable=primary)
+    log.reset(kept_rows)
     done = resumed_from or 0
     last = log.rows[-1] if log.rows else {}
     cum_up, cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
@@ -168,34 +182,33 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
 
     _, bytes_down = sim.round_bytes()
     show = r.progress if progress is None else progress
-    bar = tqdm(total=r.rounds, initial=min(done, r.rounds), unit="round", disable=not show, dynamic_ncols=True,
+    bar = tqdm(total=r.rounds, initial=min(done, r.rounds), unit="round", disable=not (show and primary), dynamic_ncols=True,
                desc=f"{cfg.algorithm}/{cfg.data.dataset}")
     t_start = time.perf_counter()
     first_dispatch = None
     interrupted = False
-    dirty: list[np.ndarray] = []  # cohorts since the last checkpoint: whose stored state changed
+    prefetch = Prefetcher(sim, key_bits(state.key))
+
+    def chunk(at: int) -> int:
+        # Chunk boundaries are absolute multiples of every cadence, so a
+        # resumed run dispatches exactly the chunks the original would.
+        return min(_next_boundary(at, r.rounds_per_dispatch), _next_boundary(at, r.eval_every),
+                   _next_boundary(at, r.checkpoint_every), r.rounds) - at
+
+    written = None  # the union whose states the previous dispatch wrote back
     try:
         with _StopFlag() as stop:
             while done < r.rounds:
-                # Chunk boundaries are absolute multiples of every cadence, so a
-                # resumed run dispatches exactly the chunks the original would.
-                n = min(
-                    _next_boundary(done, r.rounds_per_dispatch),
-                    _next_boundary(done, r.eval_every),
-                    _next_boundary(done, r.checkpoint_every),
-                    r.rounds,
-                ) - done
+                n = chunk(done)
                 t0 = time.perf_counter()
-                if n == 1:
-                    state, m = sim.step(state, dev_data)
-                    m = {k: np.asarray(v)[None] for k, v in jax.device_get(m).items()}
-                else:
-                    state, m = sim.run(state, dev_data, n)
-                    m = jax.device_get(m)
+                plan, gathered = prefetch.take(done, n, written, state.key)
+                if done + n < r.rounds:
+                    prefetch.request(done + n, chunk(done + n))
+                state, m = sim.execute(state, pool, plan, gathered)
+                written = plan.union
+                m = {k: fetch(v) for k, v in m.items()}
                 dt = time.perf_counter() - t0
                 first_dispatch = dt if first_dispatch is None else first_dispatch
-                if "cohort" in m:
-                    dirty.append(np.asarray(m.pop("cohort")).reshape(-1))
                 rows = []
                 for i in range(n):
                     row = {"round": done + i + 1}
@@ -213,16 +226,15 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                     rows.append(row)
                 done += n
                 if done % r.eval_every == 0 or done == r.rounds:
-                    last_eval = evaluate(state, dev_data)
+                    last_eval = evaluate(state)
                     rows[-1].update(last_eval)
                 wall = wall0 + time.perf_counter() - t_start
                 for row in rows:
                     row["wall_time"] = wall
                 log.write(rows)  # rows reach disk before the checkpoint that covers them
-                stopping = stop.signal is not None
+                stopping = distributed.agree(stop.signal is not None)
                 if done % r.checkpoint_every == 0 or done == r.rounds or stopping:
-                    ckpt.save(done, state, np.unique(np.concatenate(dirty)) if dirty else None)
-                    dirty = []
+                    ckpt.save(done, state)
                 bar.update(n)
                 post = {"loss": f"{rows[-1].get('train_loss', float('nan')):.3f}"}
                 if "test_accuracy" in last_eval:
@@ -235,8 +247,11 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                     break
     finally:
         bar.close()
+        prefetch.close()
         ckpt.close()
-    if not interrupted:
+        if sim.store is not None:
+            sim.store.close()
+    if not interrupted and primary:
         plot_accuracy(log.rows, os.path.join(out_dir, "accuracy.png"), title=f"{cfg.algorithm} on {cfg.data.dataset}")
     final = dict(last_eval)
     if log.rows:

@@ -41,7 +41,8 @@ class MetricsLog:
     row written (fixed thereafter); the JSONL rows carry every key.
     """
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, *, writable: bool = True):
+        self.writable = writable  # False on every process but the first of a multi-process job
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
         self.csv_path = os.path.join(run_dir, "metrics.csv")
         self.columns: list[str] | None = None
@@ -58,6 +59,8 @@ class MetricsLog:
         if rows:
             extra = sorted(k for k in rows[0] if k not in BASE_COLUMNS)
             self.columns = BASE_COLUMNS + extra
+        if not self.writable:
+            return
         with open(self.jsonl_path + ".tmp", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -75,6 +78,9 @@ class MetricsLog:
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
         if not rows:
+            return
+        if not self.writable:
+            self.rows.extend(rows)
             return
         if self.columns is None:
             extra = sorted(k for k in rows[0] if k not in BASE_COLUMNS)

@@ -13,7 +13,8 @@ from fedkd_jax.errors import ConfigError
 # the horizon, cadences and how the rounds are executed. Everything else
 # (models, algorithm, data, partition, seed, optimizers, compression...) is
 # fixed once a run exists. run.devices and run.group_size keep results equal
-# to float tolerance, not bit-for-bit (a different summation order).
+# to float tolerance, not bit-for-bit (a different summation order). The client
+# store's backend and place change nothing: the store is rebuilt from checkpoints.
 RESUMABLE_KEYS = {
     "run.rounds",
     "run.progress",
@@ -23,6 +24,9 @@ RESUMABLE_KEYS = {
     "run.keep_checkpoints",
     "run.devices",
     "run.group_size",
+    "run.client_store",
+    "run.memory_budget_gb",
+    "run.store_dir",
 }
 
 
