@@ -124,6 +124,7 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
 
     from fedkd_jax.config import group_size_value
     from fedkd_jax.engine import Simulator, client_mesh
+    from fedkd_jax.engine.cohort import poisson_capacity
     from fedkd_jax.store import choose_store, state_bytes
 
     r = cfg.run
@@ -139,7 +140,44 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
     store_dir = r.store_dir or os.path.join(out_dir, "client-store")
     if jax.process_count() > 1:  # every process keeps its own copy of the store
         store_dir = os.path.join(store_dir, f"process-{jax.process_index()}")
+    capacity = poisson_capacity(data.num_clients, r.cohort_size) if cfg.privacy.sampling == "poisson" else r.cohort_size
     return Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=mesh, group_size=group,
-                     compressor=build_compressor(cfg), downlink=build_compressor(cfg, downlink=True),
-                     weighting=client_weighting(cfg), straggler_fraction=cfg.client.straggler_fraction,
-                     straggler_mode=cfg.client.straggler_mode, store=store, store_dir=store_dir)
+                     aggregator=build_aggregator(cfg, data, capacity), downlink=build_compressor(cfg, downlink=True),
+                     straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode,
+                     sampling=cfg.privacy.sampling, store=store, store_dir=store_dir)
+
+
+def privacy_delta(cfg: Config, num_clients: int) -> float:
+    """``privacy.delta``, or ``min(1e-5, 1/N)``."""
+    return cfg.privacy.delta if cfg.privacy.delta is not None else min(1e-5, 1.0 / num_clients)
+
+
+def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
+    """The aggregation chain of ``cfg``: [compress] -> mean -> [DP clip + noise] -> [secure aggregation]."""
+    from fedkd_jax.aggregation import chain, compress, mean
+    from fedkd_jax.config import dp_enabled
+    from fedkd_jax.privacy import choose_fraction_bits, gaussian, secure_aggregation
+
+    p, a = cfg.privacy, cfg.secagg
+    steps = []
+    comp = build_compressor(cfg)
+    if comp is not None:
+        steps.append(compress(comp))
+    expected = float(cfg.run.cohort_size)
+    if dp_enabled(cfg):
+        steps.append(mean("uniform", denominator="expected", expected=expected))
+        steps.append(gaussian(p.noise_multiplier, p.clip_norm, expected_clients=expected,
+                              quantile=p.adaptive_quantile, learning_rate=p.adaptive_lr, count_stddev=p.count_stddev))
+    elif p.clip_norm is not None:  # clipping alone (e.g. to bound uploads for secure aggregation)
+        steps.append(gaussian(0.0, p.clip_norm, expected_clients=expected))
+        steps.append(mean(client_weighting(cfg)))
+    else:
+        steps.append(mean(client_weighting(cfg)))
+    if a.enabled:
+        weighting = "uniform" if dp_enabled(cfg) else client_weighting(cfg)
+        max_w = 1.0 if weighting == "uniform" else float(data.counts.max())
+        frac = choose_fraction_bits(a.bits, clip_norm=p.clip_norm, max_weight=max_w, max_clients=capacity,
+                                    frac_bits=a.frac_bits)
+        steps.append(secure_aggregation(bits=a.bits, frac_bits=frac, num_clients=data.num_clients,
+                                        dropout_rate=a.dropout_rate))
+    return chain(*steps)

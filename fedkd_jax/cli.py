@@ -27,6 +27,20 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="change a setting that does not alter results, e.g. --set run.rounds=2000")
     res.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    priv = sub.add_parser("privacy", help="privacy tools: calibrate the noise for a target epsilon")
+    psub = priv.add_subparsers(dest="privacy_command", required=True)
+    cal = psub.add_parser("calibrate", help="the noise multiplier reaching (epsilon, delta) after R rounds")
+    cal.add_argument("--epsilon", type=float, required=True)
+    cal.add_argument("--delta", type=float, required=True)
+    cal.add_argument("--rounds", type=int, required=True)
+    cal.add_argument("--cohort", type=int, required=True)
+    cal.add_argument("--clients", type=int, required=True)
+    cal.add_argument("--sampling", choices=("fixed", "poisson"), default="fixed")
+    cal.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    aud = sub.add_parser("audit", help="membership-inference audit of a finished run")
+    aud.add_argument("run_dir")
+    aud.add_argument("--shadows", type=int, default=4, help="shadow models for the calibrated attack")
+    aud.add_argument("--members", type=int, default=500, help="member / non-member rows scored")
     lau = sub.add_parser("launch", help="run one job as N processes on 127.0.0.1 (jax.distributed)")
     lau.add_argument("--processes", type=int, required=True, help="number of processes (>= 1)")
     lau.add_argument("--devices-per-process", type=int, default=None,
@@ -51,10 +65,58 @@ def _launch(args) -> int:
         return 2
 
 
+def _calibrate(args) -> int:
+    from fedkd_jax.errors import FedKDError
+    from fedkd_jax.privacy import RELATION, Mechanism, calibrate, epsilon
+
+    try:
+        if args.rounds < 1:
+            from fedkd_jax.errors import ConfigError
+
+            raise ConfigError("--rounds", f"must be a positive integer; got {args.rounds}")
+        z = calibrate(args.epsilon, args.delta, rounds=args.rounds, cohort_size=args.cohort, num_clients=args.clients,
+                      sampling=args.sampling, accountant=args.accountant)
+    except FedKDError as e:
+        print(f"fedkd: error: {e}", file=sys.stderr)
+        return 2
+    import math
+
+    z = math.ceil(z * 1e4) / 1e4  # printed to 4 decimals: rounded up, so it stays within the budget
+    eps = epsilon(Mechanism(z, args.clients, args.cohort, args.sampling), args.rounds, args.delta,
+                  accountant=args.accountant)
+    print(f"noise_multiplier {z:.4f}")
+    print(f"gives epsilon {eps:.4f} at delta {args.delta:g} after {args.rounds} rounds of {args.cohort} of "
+          f"{args.clients} clients ({args.sampling} sampling, {RELATION[args.sampling]} neighbours, "
+          f"{args.accountant.upper()} accountant)")
+    print(f"use: --set privacy.noise_multiplier={z:.4f} --set privacy.sampling={args.sampling}")
+    return 0
+
+
+def _audit(args) -> int:
+    from fedkd_jax import configure_cpu_devices
+    from fedkd_jax.errors import FedKDError
+
+    configure_cpu_devices()
+    from fedkd_jax.privacy.audit import audit_run
+
+    try:
+        report = audit_run(args.run_dir, shadows=args.shadows, members=args.members)
+    except FedKDError as e:
+        print(f"fedkd: error: {e}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print(f"report written to {report.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "launch":
         return _launch(args)
+    if args.command == "privacy":
+        return _calibrate(args)
+    if args.command == "audit":
+        return _audit(args)
     # Import after parsing so `fedkd --help` is fast; importing fedkd_jax does not start JAX.
     from fedkd_jax import configure_cpu_devices, distributed
     from fedkd_jax.config import load_config
@@ -74,8 +136,22 @@ def main(argv: list[str] | None = None) -> int:
         joining = bool(os.environ.get(distributed.ENV_COORDINATOR)) or distributed.cluster_detected()
         # In a multi-process job each process exposes its own cores; run.devices sizes the global mesh.
         configure_cpu_devices(None if joining else cfg.run.devices)
-        distributed.initialize()
-        result = run_experiment(cfg, out, progress=not args.no_progress and cfg.run.progress)
+        joined = distributed.initialize()
+        try:
+            result = run_experiment(cfg, out, progress=not args.no_progress and cfg.run.progress)
+        except (FedKDError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not joined:
+                raise
+            # In a multi-process job a lost peer surfaces as a collective or connection
+            # error; one line is enough, the launcher names the process that died.
+            import jax
+
+            print(f"fedkd: error: process {jax.process_index()} stopped: lost contact with another process "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+                  "Resume from the last checkpoint with the same command.", file=sys.stderr)
+            return 3
     except FedKDError as e:
         print(f"fedkd: error: {e}", file=sys.stderr)
         return 2
@@ -100,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if "teacher_acc_mean" in f:
         print(f"private teachers on their local tests: mean {f['teacher_acc_mean']:.3f} "
               f"(p10 {f['teacher_acc_p10']:.3f}, p90 {f['teacher_acc_p90']:.3f})")
+    if f.get("epsilon") is not None:
+        print(f"privacy: epsilon {f['epsilon']:.3f} at delta {f['delta']:g} ({f['epsilon_relation']} neighbours)")
     if f.get("cum_bytes_up") is not None:
         print(f"communication: {f['cum_bytes_up'] / 1e6:.2f} MB up, {f['cum_bytes_down'] / 1e6:.2f} MB down")
     store = ", checkpoints-clients/" if os.path.isdir(os.path.join(result.run_dir, "checkpoints-clients")) else ""

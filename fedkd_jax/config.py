@@ -19,7 +19,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, server_settings
 from fedkd_jax.compression import COMPRESSIONS
-from fedkd_jax.engine.simulator import STRAGGLER_MODES, WEIGHTINGS
+from fedkd_jax.aggregation import WEIGHTINGS
+from fedkd_jax.engine.simulator import STRAGGLER_MODES
 from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
@@ -115,6 +116,27 @@ class CompressionConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    noise_multiplier: Optional[float] = None  # z; set it (or target_epsilon) to turn on client-level DP
+    clip_norm: Optional[float] = None  # S (the initial norm with adaptive clipping); needed with DP
+    delta: Optional[float] = None  # default min(1e-5, 1/N)
+    sampling: str = "fixed"  # fixed (C of N, replace-one epsilon) | poisson (add-or-remove-one)
+    target_epsilon: Optional[float] = None  # stop at the last round within budget (calibrates z if unset)
+    adaptive_quantile: Optional[float] = None  # unset: fixed clipping; e.g. 0.5 (Andrew et al. 2021)
+    adaptive_lr: float = 0.2
+    count_stddev: Optional[float] = None  # noise on the unclipped count (default cohort / 20)
+    accountant: str = "rdp"  # rdp | pld (pld needs poisson sampling)
+
+
+@dataclass
+class SecAggConfig:
+    enabled: bool = False
+    dropout_rate: float = 0.0  # share of the cohort dropping after masking
+    bits: int = 32  # the ring Z_(2^bits)
+    frac_bits: Optional[int] = None  # fixed-point scale 2^frac_bits (default: the finest that cannot overflow)
+
+
+@dataclass
 class RunConfig:
     rounds: int = 500
     cohort_size: int = 10
@@ -142,6 +164,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -264,6 +288,44 @@ def _fraction(field_name: str, value: float, *, upper_open: bool = True) -> None
         raise ConfigError(field_name, f"must be in [0, 1); got {value}")
 
 
+def dp_enabled(cfg: Config) -> bool:
+    return cfg.privacy.noise_multiplier is not None or cfg.privacy.target_epsilon is not None
+
+
+def _validate_privacy(cfg: Config) -> None:
+    from fedkd_jax.privacy.accounting import check
+
+    p, a = cfg.privacy, cfg.secagg
+    check(delta=p.delta, target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier,
+          clip_norm=p.clip_norm, sampling=p.sampling, accountant=p.accountant)
+    if dp_enabled(cfg) and p.clip_norm is None:
+        raise ConfigError("privacy.clip_norm", "differential privacy needs a clip norm S (the noise is z * S); "
+                                               "e.g. privacy.clip_norm=1.0, or 0.1 with adaptive clipping")
+    if p.adaptive_quantile is not None and not 0 < p.adaptive_quantile < 1:
+        raise ConfigError("privacy.adaptive_quantile", f"must be in (0, 1); got {p.adaptive_quantile}")
+    if p.adaptive_quantile is not None and not dp_enabled(cfg):
+        raise ConfigError("privacy.adaptive_quantile", "adaptive clipping is part of DP: set privacy.noise_multiplier")
+    _positive("privacy.adaptive_lr", p.adaptive_lr)
+    _positive("privacy.count_stddev", p.count_stddev, allow_none=True)
+    if dp_enabled(cfg) and cfg.client.weighting == "examples":
+        raise ConfigError("client.weighting", "DP-FedAvg sums clipped updates with equal weight and divides by the "
+                                              "expected cohort size; use auto or uniform with privacy")
+    if p.sampling == "poisson" and not dp_enabled(cfg) and not a.enabled:
+        pass  # Poisson cohorts are allowed on their own
+    if not 0 <= a.dropout_rate < 1:
+        raise ConfigError("secagg.dropout_rate", f"must be in [0, 1); got {a.dropout_rate}")
+    if not 8 <= a.bits <= 32:
+        raise ConfigError("secagg.bits", f"must be in [8, 32]; got {a.bits}")
+    if a.enabled:
+        if cfg.algorithm in ("feddf", "server_teacher_kd"):
+            raise ConfigError("secagg.enabled", f"{cfg.algorithm} distils the ensemble of each client's model on the "
+                                                "server, but secure aggregation reveals only the sum of the uploads; "
+                                                "use fedavg, fedprox or fedkd")
+        if p.clip_norm is None or not math.isfinite(p.clip_norm):
+            raise ConfigError("secagg.enabled", "secure aggregation needs a bound on every upload so the sum cannot "
+                                                "overflow the ring: set a finite privacy.clip_norm")
+
+
 def validate(cfg: Config) -> None:
     """Check choices and ranges; raise :class:`ConfigError` naming the first bad field."""
     _choice("algorithm", cfg.algorithm, ALGORITHMS)
@@ -366,6 +428,7 @@ def validate(cfg: Config) -> None:
         if v is not None and not 0 <= v < 1:
             raise ConfigError(f"server.{name}", f"must be in [0, 1); got {v}")
 
+    _validate_privacy(cfg)
     r = cfg.run
     _positive("run.rounds", r.rounds, integer=True)
     _positive("run.cohort_size", r.cohort_size, integer=True)

@@ -69,8 +69,12 @@ def initialize() -> bool:
             try:
                 count, index = int(os.environ[ENV_COUNT]), int(os.environ[ENV_INDEX])
             except (KeyError, ValueError):
-                raise ConfigError("--processes", f"{ENV_COORDINATOR} is set but {ENV_COUNT} / {ENV_INDEX} are "
-                                                 "missing or not integers") from None
+                raise ConfigError("--processes", f"{ENV_COUNT} / {ENV_INDEX} are missing or not integers "
+                                                 f"({ENV_COORDINATOR} is set)") from None
+            if index != 0:
+                # XLA's coordination client aborts the process when it cannot connect;
+                # check reachability first so the user gets one clear line instead.
+                _wait_for(coord, timeout)
             jax.distributed.initialize(coord, num_processes=count, process_id=index,
                                        initialization_timeout=timeout)
         else:
@@ -82,6 +86,22 @@ def initialize() -> bool:
         raise ConfigError("--coordinator", f"could not join the job at {where} within {timeout} s "
                                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     return True
+
+
+def _wait_for(address: str, timeout: float) -> None:
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConfigError("--coordinator", f"could not join the job at {address} within {timeout:g} s "
+                                                   "(nothing is listening there)") from None
+            time.sleep(0.2)
 
 
 def is_primary() -> bool:

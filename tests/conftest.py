@@ -1,9 +1,18 @@
 """Test setup: 4 forced CPU devices (set before JAX starts) and shared small data."""
 
+import os
+import tempfile
+
 import jax
 
 # Must precede any JAX computation: tests compare 1-device and 4-device meshes.
 jax.config.update("jax_num_cpu_devices", 4)
+# Many tests (and their subprocesses, through the environment) compile the same
+# small programs: a session-wide persistent compilation cache compiles them once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fedkd-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -33,13 +33,30 @@ def key_bits(key: jax.Array) -> tuple[int, ...]:
     return tuple(int(v) for v in np.asarray(jax.random.key_data(key)).ravel())
 
 
-def sample_cohort(key: jax.Array | tuple[int, ...], round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
-    """``[C]`` distinct client ids of round ``round_index``, uniformly without replacement."""
+def sample_cohort(key: jax.Array | tuple[int, ...], round_index: int, num_clients: int, cohort_size: int,
+                  sampling: str = "fixed") -> np.ndarray:
+    """Distinct client ids of round ``round_index``.
+
+    ``fixed``: ``C`` of ``N`` uniformly without replacement. ``poisson``: each
+    client independently with probability ``q = C / N`` (the cohort's size is
+    ``Binomial(N, q)``; given it, the members are uniform), as DP's Poisson
+    subsampling assumes.
+    """
     bits = key if isinstance(key, tuple) else key_bits(key)
     rng = np.random.default_rng([*bits, int(round_index), _COHORT_TAG])
+    if sampling == "poisson":
+        k = int(rng.binomial(num_clients, cohort_size / num_clients))
+        return np.sort(rng.choice(num_clients, k, replace=False))
     if cohort_size == num_clients:
         return rng.permutation(num_clients)
     return rng.choice(num_clients, cohort_size, replace=False)
+
+
+def poisson_capacity(num_clients: int, cohort_size: int) -> int:
+    """Positions reserved for a Poisson cohort of expected size ``C``: ``C + 7 sigma + 1``
+    (exceeded with probability below 1e-11), at most ``N``."""
+    q = cohort_size / num_clients
+    return min(num_clients, int(math.ceil(cohort_size + 7 * math.sqrt(num_clients * q * (1 - q)) + 1)))
 
 
 def straggler_flags(rkey: jax.Array, cohort_size: int, padded: int, fraction: float, mode: str) -> jax.Array:
@@ -87,7 +104,7 @@ def union_size(num_rounds: int, cohort_size: int, num_clients: int) -> int:
 
 
 def make_plan(data, key_or_bits, start: int, num_rounds: int, cohort_size: int, padded: int, *,
-              stateful: bool) -> Plan:
+              stateful: bool, sampling: str = "fixed", capacity: int | None = None) -> Plan:
     """The host-side plan of rounds ``start .. start + num_rounds - 1``.
 
     ``data`` is a :class:`~fedkd_jax.data.FederatedData` (its row tables stay on the host).
@@ -95,11 +112,15 @@ def make_plan(data, key_or_bits, start: int, num_rounds: int, cohort_size: int, 
     n = data.num_clients
     bits = key_or_bits if isinstance(key_or_bits, tuple) else key_bits(key_or_bits)
     ids = np.full((num_rounds, padded), n, np.int64)
+    cap = capacity or cohort_size
     for r in range(num_rounds):
-        ids[r, :cohort_size] = sample_cohort(bits, start + r, n, cohort_size)
+        c = sample_cohort(bits, start + r, n, cohort_size, sampling)
+        if len(c) > cap:
+            raise RuntimeError(f"round {start + r}: a Poisson cohort of {len(c)} exceeds the {cap} reserved positions")
+        ids[r, : len(c)] = c
     rows = data.row_table(ids.reshape(-1)).reshape(num_rounds, padded, -1)
     counts = np.where(ids < n, data.counts[np.minimum(ids, n - 1)], 0).astype(np.int32)
-    u = union_size(num_rounds, cohort_size, n) if stateful else 0
+    u = union_size(num_rounds, cap, n) if stateful else 0
     if stateful:
         real = np.unique(ids[ids < n])
         union = np.full(u, n, np.int64)

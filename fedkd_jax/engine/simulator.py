@@ -44,9 +44,18 @@ from jax.sharding import PartitionSpec as P
 from fedkd_jax._devices import limit_blas_threads
 from fedkd_jax.algorithms.base import ClientData, FederatedAlgorithm
 from fedkd_jax.algorithms.local import tree_where
+from fedkd_jax.aggregation import Aggregator, ClientIn, ServerIn, chain, compress, mean
 from fedkd_jax.compression import Compressor
 from fedkd_jax.data import FederatedData
-from fedkd_jax.engine.cohort import Plan, key_bits, make_plan, padded_cohort, straggler_flags, union_size
+from fedkd_jax.engine.cohort import (
+    Plan,
+    key_bits,
+    make_plan,
+    padded_cohort,
+    poisson_capacity,
+    straggler_flags,
+    union_size,
+)
 from fedkd_jax.engine.mesh import CLIENTS, client_mesh
 from fedkd_jax.engine.placement import put_replicated, put_sharded
 from fedkd_jax.errors import ConfigError
@@ -55,10 +64,9 @@ from fedkd_jax.tree_util import tree_bytes
 
 # Tags folded into the seed key so each use of randomness gets its own stream.
 _SERVER_INIT, _CLIENT_INIT, _ROUND = 0, 1, 2
-_CLIENTS_TAG, _SERVER, _DOWNLINK = 1, 2, 4
+_CLIENTS_TAG, _SERVER, _DOWNLINK, _AGGREGATE = 1, 2, 4, 5
 _COMPRESS = 0x5EED  # folded into a client's key for its compressor's randomness
 STRAGGLER_MODES = ("fixed", "bernoulli")
-WEIGHTINGS = ("examples", "uniform")
 
 
 @struct.dataclass
@@ -70,11 +78,14 @@ class SimState:
       server: the algorithm's server state (global params, optimizer state...).
       key: the run's base PRNG key (from the seed); never advanced: round and
         client keys are derived by folding in their indices.
+      agg: the aggregation chain's state, a dict by transform name (e.g. the
+        adaptive clip norm).
     """
 
     round: jax.Array
     server: Any
     key: jax.Array
+    agg: Any = ()
 
 
 class PoolData(NamedTuple):
@@ -135,6 +146,11 @@ class Simulator:
       weighting: ``examples`` averages updates with the algorithms' weights
         (example counts, McMahan et al. 2017); ``uniform`` gives every
         contributing client weight 1 (FedKD's reference code).
+      aggregator: the chain between a client's update and the server's step
+        (:mod:`fedkd_jax.aggregation`); default: ``compressor`` (if any), then
+        the ``weighting`` mean. Give it to add privacy or secure aggregation.
+      sampling: ``fixed`` (``C`` without replacement) or ``poisson`` (each client
+        with probability ``C / N``; the cohort is padded to a fixed capacity).
       store: where per-client states live: ``device``, ``host``, ``disk`` or a
         :class:`~fedkd_jax.store.ClientStore` (stateless algorithms need none).
       store_dir: directory of the ``disk`` store.
@@ -153,6 +169,8 @@ class Simulator:
         straggler_fraction: float = 0.0,
         straggler_mode: str = "fixed",
         weighting: str = "examples",
+        aggregator: Aggregator | None = None,
+        sampling: str = "fixed",
         store: str | ClientStore = "device",
         store_dir: str | None = None,
     ):
@@ -165,8 +183,6 @@ class Simulator:
             raise ConfigError("client.straggler_fraction", f"must be in [0, 1]; got {straggler_fraction}")
         if straggler_mode not in STRAGGLER_MODES:
             raise ConfigError("client.straggler_mode", f"unknown value {straggler_mode!r}; allowed: {', '.join(STRAGGLER_MODES)}")
-        if weighting not in WEIGHTINGS:
-            raise ConfigError("client.weighting", f"unknown value {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
         if straggler_fraction > 0 and not algorithm.supports_stragglers:
             raise ConfigError("client.straggler_fraction",
                               f"{algorithm.name} does not simulate stragglers; use fedavg or fedprox, or 0")
@@ -178,13 +194,20 @@ class Simulator:
         self.num_clients = n
         self.cohort_size = cohort_size
         self.group_size = group_size
-        self.compressor = compressor
-        self.downlink = downlink
+        if aggregator is None:
+            aggregator = chain(*([compress(compressor)] if compressor is not None else []), mean(weighting))
+        self.aggregator = aggregator
+        self.downlink = compress(downlink) if isinstance(downlink, Compressor) else downlink
+        # transforms that need the whole cohort's ids (secure aggregation's pairwise masks)
+        self._needs_cohort = any(getattr(t.encode, "needs_cohort", False) for t in aggregator.transforms)
         self.straggler_fraction = float(straggler_fraction)
         self.straggler_mode = straggler_mode
-        self.weighting = weighting
+        if sampling not in ("fixed", "poisson"):
+            raise ConfigError("privacy.sampling", f"unknown value {sampling!r}; allowed: fixed, poisson")
+        self.sampling = sampling
+        self.capacity = poisson_capacity(n, cohort_size) if sampling == "poisson" else cohort_size
         self.num_devices = int(self.mesh.devices.size)
-        self.padded_cohort = padded_cohort(cohort_size, self.num_devices, group_size)
+        self.padded_cohort = padded_cohort(self.capacity, self.num_devices, group_size)
         self.max_examples = data.max_examples
         self.stateful = algorithm.init_client is not None
         self.client_template = (jax.eval_shape(algorithm.init_client, jax.random.key(0)) if self.stateful else ())
@@ -210,7 +233,8 @@ class Simulator:
         """Initial state: server from ``(seed)``; clients start lazily from ``(seed, client)``."""
         base = jax.random.key(seed)
         server = self.algorithm.init(jax.random.fold_in(base, _SERVER_INIT))
-        return SimState(jnp.zeros((), jnp.int32), server, base)
+        params = self.algorithm.model_params(server)
+        return SimState(jnp.zeros((), jnp.int32), server, base, self.aggregator.init(params))
 
     def init_clients(self, key: jax.Array, ids: jax.Array) -> Any:
         """The initial states ``[len(ids), ...]`` of clients ``ids`` of the run keyed ``key``."""
@@ -239,7 +263,7 @@ class Simulator:
         return jax.eval_shape(self.algorithm.client_update, bc, self.client_template, cd, abstract.key)
 
     # ----------------------------------------------------------------- round
-    def _clients(self, bcast, rkey, round_index, ids, rows, counts, pos, stragglers, union, pool, sdata):
+    def _clients(self, bcast, rkey, round_index, ids, rows, counts, pos, stragglers, union, pool, sdata, agg_state):
         """Per-device body of the shard_map: this device's slice of the cohort.
 
         ``ids``, ``rows``, ``counts``, ``pos`` and ``stragglers`` arrive sharded
@@ -254,63 +278,76 @@ class Simulator:
         n_local = ids.shape[0]
         cstates = jax.tree.map(lambda a: jnp.take(a, pos, axis=0, mode="clip"), union)
 
-        def one(cid, crow, count, strag, cstate):
+        chain = self.aggregator.transforms
+        all_ids = jax.lax.all_gather(ids, CLIENTS, tiled=True) if self._needs_cohort else ids
+        offset = jax.lax.axis_index(CLIENTS) * n_local
+
+        def one(cid, crow, count, strag, cstate, position):
             cd = ClientData(pool.x[crow], pool.y[crow], count, strag)
             ckey = client_key(rkey, cid)
             out = alg.client_update(bcast, cstate, cd, ckey)
-            if self.weighting == "uniform":
-                out = out._replace(weight=(out.weight > 0).astype(jnp.float32))
-            nbytes = out.upload_bytes
-            if self.compressor is not None:
-                update, payload = self.compressor.compress(out.update, jax.random.fold_in(ckey, _COMPRESS), round_index)
-                out = out._replace(update=update)
-                nbytes = payload if nbytes is None else nbytes
-            if alg.aux_from_update is not None:
-                out = out._replace(aux=alg.aux_from_update(bcast, out.update, sdata))
-            if nbytes is None:
-                nbytes = self.bytes_up_per_client
             # A client contributes when it is real and its weight is positive; a
             # dropped client (e.g. a FedAvg straggler) uploads nothing.
-            sent = (count > 0) & (out.weight > 0)
-            aux_w = out.weight if out.aux_weight is None else out.aux_weight
+            real = count > 0
+            w = out.weight * real
+            aw = (out.weight if out.aux_weight is None else out.aux_weight) * real
+            nbytes = self.bytes_up_per_client if out.upload_bytes is None else out.upload_bytes
+            payload, stats = {"update": out.update, "aux": ()}, {}
+            aux_done = False
+            for i, t in enumerate(chain):
+                if not t.before_aux and not aux_done and alg.aux_from_update is not None:
+                    payload["aux"] = alg.aux_from_update(bcast, payload["update"], sdata)
+                aux_done = aux_done or not t.before_aux
+                if t.encode is None:
+                    continue
+                cin = ClientIn(jax.random.fold_in(ckey, _COMPRESS + i), round_index, agg_state[t.name], w, aw,
+                               position, all_ids, (), cid, rkey)
+                payload, co = t.encode(payload, cin)
+                w, aw = co.weight, co.aux_weight
+                nbytes = nbytes if co.payload_bytes is None else co.payload_bytes
+                stats.update(co.stats)
+            if not aux_done and alg.aux_from_update is not None:
+                payload["aux"] = alg.aux_from_update(bcast, payload["update"], sdata)
+            sent = real & (w > 0)
             sentf = sent.astype(jnp.float32)
-            return out._replace(weight=out.weight * sentf, aux_weight=aux_w * sentf,
-                                upload_bytes=jnp.where(sent, jnp.round(jnp.asarray(nbytes, jnp.float32)), 0).astype(jnp.int32))
+            payload = jax.tree.map(lambda a: jnp.where(sent, a, jnp.zeros_like(a)), payload)
+            stats = {k: v * sentf for k, v in stats.items()}
+            metrics = {k: v * (w * sentf) for k, v in out.metrics.items()}
+            sums = (payload, w * sentf, aw * sentf, sentf, stats, metrics)
+            nbytes = jnp.where(sent, jnp.round(jnp.asarray(nbytes, jnp.float32)), 0).astype(jnp.int32)
+            return sums, (out.state, nbytes, sent)
 
         per_client = one if g == 1 else jax.vmap(one)
+        positions = offset + jnp.arange(n_local)
         xs = jax.tree.map(lambda a: a.reshape((n_local // g, g) + a.shape[1:]) if g > 1 else a,
-                          (ids, rows, counts, stragglers, cstates))
+                          (ids, rows, counts, stragglers, cstates, positions))
 
-        def weighted_sums(out):
-            w, aw = out.weight, out.aux_weight
-            if g == 1:
-                wsum = lambda u: w * u  # noqa: E731
-                asum = lambda u: aw * u  # noqa: E731
-            else:
-                wsum = lambda u: jnp.tensordot(w, u, axes=1)  # noqa: E731
-                asum = lambda u: jnp.tensordot(aw, u, axes=1)  # noqa: E731
-            upd = jax.tree.map(wsum, out.update)
-            aux = jax.tree.map(asum, out.aux)
-            met = {k: wsum(v) for k, v in out.metrics.items()}
-            contributing = jnp.sum((w > 0).astype(jnp.float32))
-            return upd, aux, jnp.sum(w), jnp.sum(aw), contributing, met
+        def group_sum(sums):
+            return sums if g == 1 else jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
         first = jax.tree.map(lambda a: a[0], xs)
-        shape = jax.eval_shape(lambda a: weighted_sums(per_client(*a)), first)
+        shape = jax.eval_shape(lambda a: group_sum(per_client(*a)[0]), first)
         zeros = jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), CLIENTS, to="varying"), shape)
 
         def body(acc, x):
-            out = per_client(*x)
-            acc = jax.tree.map(jnp.add, acc, weighted_sums(out))
-            # exact per-client byte counts (a float32 sum rounds past 2^24 bytes)
-            return acc, (out.state, out.upload_bytes)
+            sums, per = per_client(*x)
+            # integer payloads (secure aggregation) wrap modulo 2^bits, as the protocol's ring
+            acc = jax.tree.map(jnp.add, acc, group_sum(sums))
+            return acc, per
 
         acc, per_client_out = jax.lax.scan(body, zeros, xs)
         if g > 1:
             per_client_out = jax.tree.map(lambda a: a.reshape((n_local,) + a.shape[2:]), per_client_out)
-        flat, unravel = ravel_pytree(acc)
-        # The only cross-device collective of the round: one all-reduce.
-        return unravel(jax.lax.psum(flat, CLIENTS)), per_client_out
+        leaves, treedef = jax.tree.flatten(acc)
+        floats = [x for x in leaves if not jnp.issubdtype(x.dtype, jnp.integer)]
+        ints = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.integer)]
+        flat, unravel = ravel_pytree(floats)
+        # The round's cross-device collective: one all-reduce (a second one for
+        # integer payloads when secure aggregation is on).
+        floats = iter(unravel(jax.lax.psum(flat, CLIENTS)))
+        ints = iter(jax.lax.psum(ints, CLIENTS)) if ints else iter(())
+        leaves = [next(ints) if jnp.issubdtype(x.dtype, jnp.integer) else next(floats) for x in leaves]
+        return jax.tree.unflatten(treedef, leaves), per_client_out
 
     def _round(self, state: SimState, union, ids, rows, counts, pos, pool: PoolData, sdata):
         alg = self.algorithm
@@ -325,37 +362,49 @@ class Simulator:
         sharded = jax.shard_map(
             self._clients,
             mesh=self.mesh,
-            in_specs=(P(), P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(), P(), P()),
+            in_specs=(P(), P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(), P(), P(), P()),
             out_specs=(P(), P(CLIENTS)),
         )
-        (upd_sum, aux_sum, w_sum, aux_w_sum, contributing, met_sum), (new_states, client_bytes) = sharded(
-            bcast, rkey, state.round, ids, rows, counts, pos, stragglers, union, pool, sdata
+        (payload, w_sum, aux_w_sum, contributing, stats, met_sum), (new_states, client_bytes, sent) = sharded(
+            bcast, rkey, state.round, ids, rows, counts, pos, stragglers, union, pool, sdata, state.agg
         )
         # A round in which no client contributed changes nothing on the server
-        # (model and optimizer state) and reports NaN client metrics.
+        # (model, optimizer and aggregation state) and reports NaN client metrics.
         any_client = w_sum > 0
-        denom = jnp.where(any_client, w_sum, 1.0)
-        mean_update = jax.tree.map(lambda u: u / denom, upd_sum)
-        mean_aux = jax.tree.map(lambda u: u / jnp.where(aux_w_sum > 0, aux_w_sum, 1.0), aux_sum)
+        agg_state = dict(state.agg)
+        metrics = {}
+        for i, t in reversed(list(enumerate(self.aggregator.transforms))):
+            if t.finalize is None:
+                continue
+            sin = ServerIn(jax.random.fold_in(jax.random.fold_in(rkey, _AGGREGATE), i), state.round,
+                           state.agg[t.name], w_sum, aux_w_sum, contributing, stats, ids, sent, rkey)
+            payload, agg_state[t.name], m = t.finalize(payload, sin)
+            metrics.update({f"{t.name}_{k}": v for k, v in m.items()})
+        mean_update, mean_aux = payload["update"], payload["aux"]
         skey = jax.random.fold_in(rkey, _SERVER)
         server, server_metrics = alg.server_update(state.server, mean_update, mean_aux, skey, sdata)
-        metrics = {}
         if self.downlink is not None:
             old = alg.model_params(state.server)
             delta = jax.tree.map(jnp.subtract, alg.model_params(server), old)
-            sent, down = self.downlink.compress(delta, jax.random.fold_in(rkey, _DOWNLINK), state.round)
-            server = alg.set_model_params(server, jax.tree.map(jnp.add, old, sent))
-            metrics["bytes_down_client"] = jnp.where(any_client, jnp.round(down), 0).astype(jnp.int32)
+            cin = ClientIn(jax.random.fold_in(rkey, _DOWNLINK), state.round, (), jnp.float32(1), jnp.float32(1),
+                           jnp.int32(0), ids, (), jnp.int32(-1))
+            down, co = self.downlink.encode({"update": delta, "aux": ()}, cin)
+            server = alg.set_model_params(server, jax.tree.map(jnp.add, old, down["update"]))
+            metrics["bytes_down_client"] = jnp.where(any_client, jnp.round(co.payload_bytes), 0).astype(jnp.int32)
         server = tree_where(any_client, server, state.server)
+        agg_state = tree_where(any_client, agg_state, state.agg)
         union = jax.tree.map(lambda a, b: a.at[pos].set(b, mode="drop"), union, new_states)
         nan = jnp.float32(jnp.nan)
+        denom = jnp.where(any_client, w_sum, 1.0)
+        metrics = {k: jnp.where(any_client, v, nan) for k, v in metrics.items() if k != "bytes_down_client"} | {
+            k: v for k, v in metrics.items() if k == "bytes_down_client"}
         metrics.update({("train_" + k if k == "loss" else "client_" + k): jnp.where(any_client, v / denom, nan)
                         for k, v in met_sum.items()})
         metrics.update({"server_" + k: jnp.where(any_client, v, nan) for k, v in server_metrics.items()})
         metrics["weight_sum"] = w_sum
         metrics["clients_contributing"] = contributing.astype(jnp.int32)
         metrics["bytes_up_clients"] = client_bytes  # [Cp] int32, exact (0 for padding and dropped clients)
-        return SimState(state.round + 1, server, state.key), union, metrics
+        return SimState(state.round + 1, server, state.key, agg_state), union, metrics
 
     def _rounds(self, num_rounds: int, state: SimState, pool: PoolData, ids, rows, counts, pos, union, sdata):
         def body(carry, xs):
@@ -370,7 +419,7 @@ class Simulator:
     def plan(self, key: jax.Array | tuple[int, ...], start: int, num_rounds: int) -> Plan:
         """The host-side plan (cohorts, rows, union) of ``num_rounds`` rounds from ``start``."""
         return make_plan(self.data, key, start, num_rounds, self.cohort_size, self.padded_cohort,
-                         stateful=self.stateful)
+                         stateful=self.stateful, sampling=self.sampling, capacity=self.capacity)
 
     def initial_states(self, key: jax.Array, ids: np.ndarray) -> list[np.ndarray]:
         """Host copies (one array per leaf, ``[len(ids), ...]``) of the seed-defined
@@ -466,7 +515,7 @@ class Simulator:
         return self.cohort_size * self.bytes_up_per_client, self.cohort_size * self.bytes_down_per_client
 
     def union_size(self, num_rounds: int) -> int:
-        return union_size(num_rounds, self.cohort_size, self.num_clients) if self.stateful else 0
+        return union_size(num_rounds, self.capacity, self.num_clients) if self.stateful else 0
 
     def lower(self, state: SimState, pool: PoolData, num_rounds: int = 1):
         """The lowered dispatch program (for inspecting HLO or compile time)."""

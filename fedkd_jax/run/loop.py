@@ -67,6 +67,24 @@ def _next_boundary(r: int, every: int) -> int:
     return (r // every + 1) * every
 
 
+def _privacy(cfg: Config, num_clients: int):
+    """Resolve DP settings that need the population (delta, calibrated noise); the accountant."""
+    from fedkd_jax.builders import privacy_delta
+    from fedkd_jax.config import dp_enabled
+    from fedkd_jax.privacy import Accountant, Mechanism, calibrate
+
+    if not dp_enabled(cfg):
+        return cfg, None
+    p = cfg.privacy
+    delta = privacy_delta(cfg, num_clients)
+    z = p.noise_multiplier
+    if z is None:
+        z = calibrate(p.target_epsilon, delta, rounds=cfg.run.rounds, cohort_size=cfg.run.cohort_size,
+                      num_clients=num_clients, sampling=p.sampling, accountant=p.accountant)
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=float(z), delta=float(delta)))
+    return cfg, Accountant(Mechanism(float(z), num_clients, cfg.run.cohort_size, p.sampling), delta, kind=p.accountant)
+
+
 def _evaluator(sim: Simulator, ev_ids: np.ndarray):
     """``(state) -> dict`` of global metrics, per-client accuracy summary and,
     for algorithms with personal models (FedKD teachers), their accuracy summary,
@@ -131,6 +149,14 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
         horizon = previous.compression.schedule_rounds if previous is not None else None
         cfg = dataclasses.replace(cfg, compression=dataclasses.replace(
             cfg.compression, schedule_rounds=horizon or cfg.run.rounds))
+    p = cfg.privacy
+    if previous is not None:
+        # the noise calibrated and the delta chosen when the run started stay the run's
+        if p.target_epsilon is not None and p.noise_multiplier is None:
+            p = dataclasses.replace(p, noise_multiplier=previous.privacy.noise_multiplier)
+        if p.delta is None:
+            p = dataclasses.replace(p, delta=previous.privacy.delta)
+        cfg = dataclasses.replace(cfg, privacy=p)
     if previous is not None:
         check_compatible(previous, cfg, out_dir)
     elif any(os.path.exists(os.path.join(out_dir, f)) for f in ("metrics.jsonl", "checkpoints")):
@@ -138,6 +164,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                                    "choose another --out so its files are kept")
     r = cfg.run
     data = build_data(cfg)
+    cfg, accountant = _privacy(cfg, data.num_clients)
     model = build_model(cfg, data)
     algorithm = build_algorithm(cfg, model, data)
     sim = build_simulator(cfg, data, algorithm, out_dir=out_dir)
@@ -189,16 +216,25 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     interrupted = False
     prefetch = Prefetcher(sim, key_bits(state.key))
 
+    limit, budget_note = r.rounds, None
+    if accountant is not None and cfg.privacy.target_epsilon is not None:
+        within = accountant.rounds_within(cfg.privacy.target_epsilon, r.rounds)
+        if within < r.rounds:
+            limit = within
+            budget_note = (f"privacy budget: stopped after round {within}, epsilon "
+                           f"{accountant.epsilon_at(within):.3f} <= target {cfg.privacy.target_epsilon:g} at delta "
+                           f"{accountant.delta:g} ({accountant.relation}); round {within + 1} would exceed it")
+
     def chunk(at: int) -> int:
         # Chunk boundaries are absolute multiples of every cadence, so a
         # resumed run dispatches exactly the chunks the original would.
         return min(_next_boundary(at, r.rounds_per_dispatch), _next_boundary(at, r.eval_every),
-                   _next_boundary(at, r.checkpoint_every), r.rounds) - at
+                   _next_boundary(at, r.checkpoint_every), limit) - at
 
     written = None  # the union whose states the previous dispatch wrote back
     try:
         with _StopFlag() as stop:
-            while done < r.rounds:
+            while done < limit:
                 n = chunk(done)
                 t0 = time.perf_counter()
                 plan, gathered = prefetch.take(done, n, written, state.key)
@@ -223,9 +259,11 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                     cum_up += row["bytes_up"]
                     cum_down += row["bytes_down"]
                     row["cum_bytes_up"], row["cum_bytes_down"] = cum_up, cum_down
+                    if accountant is not None:
+                        row["epsilon"] = accountant.epsilon_at(row["round"])
                     rows.append(row)
                 done += n
-                if done % r.eval_every == 0 or done == r.rounds:
+                if done % r.eval_every == 0 or done == limit:
                     last_eval = evaluate(state)
                     rows[-1].update(last_eval)
                 wall = wall0 + time.perf_counter() - t_start
@@ -233,7 +271,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
                     row["wall_time"] = wall
                 log.write(rows)  # rows reach disk before the checkpoint that covers them
                 stopping = distributed.agree(stop.signal is not None)
-                if done % r.checkpoint_every == 0 or done == r.rounds or stopping:
+                if done % r.checkpoint_every == 0 or done == limit or stopping:
                     ckpt.save(done, state)
                 bar.update(n)
                 post = {"loss": f"{rows[-1].get('train_loss', float('nan')):.3f}"}
@@ -256,5 +294,10 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     final = dict(last_eval)
     if log.rows:
         final.update({k: log.rows[-1].get(k) for k in ("train_loss", "cum_bytes_up", "cum_bytes_down")})
+    notes = list(ckpt.events) + ([budget_note] if budget_note and done >= limit else [])
+    if accountant is not None:
+        final["epsilon"] = accountant.epsilon_at(done)
+        final["delta"] = accountant.delta
+        final["epsilon_relation"] = accountant.relation
     return RunResult(out_dir, done, final, time.perf_counter() - t_start, first_dispatch or 0.0,
-                     resumed_from=resumed_from, interrupted=interrupted, notes=list(ckpt.events))
+                     resumed_from=resumed_from, interrupted=interrupted, notes=notes)
