@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model
 from fedkd_jax.config import load_config
-from fedkd_jax.run.checkpoint import Checkpointer
+from fedkd_jax.runner.checkpoint import Checkpointer
 
 
 def main() -> None:

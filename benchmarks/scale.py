@@ -50,8 +50,8 @@ def child(args) -> dict:
     import numpy as np
     import optax
 
-    from fedkd_jax.run.checkpoint import Checkpointer
-    from fedkd_jax.run.prefetch import Prefetcher
+    from fedkd_jax.runner.checkpoint import Checkpointer
+    from fedkd_jax.runner.prefetch import Prefetcher
 
     t0 = time.perf_counter()
     if args.kind == "w1":

@@ -38,7 +38,7 @@ def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, re
 
     fedkd_jax.configure_cpu_devices()  # one CPU device per core, before JAX starts
     from fedkd_jax.config import load_config
-    from fedkd_jax.run import read_jsonl, run_experiment
+    from fedkd_jax.runner import read_jsonl, run_experiment
 
     out_root = runs_dir or os.path.join(ROOT, "runs", "experiments", name)
     rows = []

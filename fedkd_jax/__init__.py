@@ -6,8 +6,9 @@ cores as devices before JAX starts; call it yourself first in a script that
 wants that.
 """
 
-from fedkd_jax import algorithms, compression, data, engine, losses, models, store
+from fedkd_jax import aggregation, algorithms, compression, data, engine, losses, models, privacy, store
 from fedkd_jax._devices import configure_cpu_devices
+from fedkd_jax.api import Result, run, sweep
 from fedkd_jax.algorithms import FederatedAlgorithm, fedavg
 from fedkd_jax.data import FederatedData, federate
 from fedkd_jax.engine import SimState, Simulator, client_mesh
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "Result",
     "DataError",
     "FedKDError",
     "FederatedAlgorithm",
@@ -25,6 +27,7 @@ __all__ = [
     "Model",
     "SimState",
     "Simulator",
+    "aggregation",
     "algorithms",
     "client_mesh",
     "compression",
@@ -36,5 +39,8 @@ __all__ = [
     "losses",
     "make_model",
     "models",
+    "privacy",
+    "run",
     "store",
+    "sweep",
 ]

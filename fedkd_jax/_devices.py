@@ -3,7 +3,7 @@
 On CPU, XLA exposes one device by default and spends much of a small model's
 step synchronising its intra-op thread pool. Exposing each core as a device
 and sharding the cohort over them is where CPU speed comes from, so the CLI,
-:func:`fedkd_jax.run` and the scripts call :func:`configure_cpu_devices`
+:func:`fedkd_jax.runner` and the scripts call :func:`configure_cpu_devices`
 first. ``import fedkd_jax`` itself configures nothing, so a multi-host job
 can call ``jax.distributed.initialize`` before any device is touched.
 """

@@ -114,7 +114,8 @@ def auto_group_size(cohort_per_device: int) -> int:
     return g
 
 
-def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.FederatedAlgorithm, *, out_dir: str):
+def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.FederatedAlgorithm, *, out_dir: str,
+                    mesh=None, max_examples: int | None = None, build=None):
     """The :class:`~fedkd_jax.engine.Simulator` of ``cfg``: mesh, group size, compression,
     stragglers and the client store (``auto`` resolved against the memory budget)."""
     import math
@@ -128,8 +129,8 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
     from fedkd_jax.store import choose_store, state_bytes
 
     r = cfg.run
-    mesh = client_mesh(r.devices)
-    devices = int(mesh.devices.size)
+    mesh = client_mesh(r.devices) if mesh is None else mesh
+    devices = int(mesh.shape["clients"])
     group = group_size_value(r.group_size) or auto_group_size(math.ceil(r.cohort_size / devices))
     store = "device"
     if algorithm.init_client is not None:
@@ -144,7 +145,8 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
     return Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=mesh, group_size=group,
                      aggregator=build_aggregator(cfg, data, capacity), downlink=build_compressor(cfg, downlink=True),
                      straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode,
-                     sampling=cfg.privacy.sampling, store=store, store_dir=store_dir)
+                     sampling=cfg.privacy.sampling, store=store, store_dir=store_dir, max_examples=max_examples,
+                     build=build)
 
 
 def privacy_delta(cfg: Config, num_clients: int) -> float:

@@ -3,6 +3,9 @@
     fedkd run [--config FILE] [--set section.key=value ...] [--out DIR]
     fedkd resume RUN_DIR [--set run.rounds=N ...]
     fedkd launch --processes N [--devices-per-process K] [--timeout S] -- run ...
+    fedkd sweep [--config FILE] --grid section.key=v1,v2 [--grid ...] --seeds N [--out DIR]
+    fedkd privacy calibrate --epsilon E --delta D --rounds R --cohort C --clients N [--sampling poisson]
+    fedkd audit RUN_DIR
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="change a setting that does not alter results, e.g. --set run.rounds=2000")
     res.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sw = sub.add_parser("sweep", help="many runs of a grid x seeds, batched into one compiled program per shape")
+    sw.add_argument("--config", help="YAML file of base settings")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one base setting; repeatable")
+    sw.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                    help="a swept setting and its values; repeatable (the grid is their product)")
+    sw.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every grid point (default 1)")
+    sw.add_argument("--out", help="sweep directory (default: runs/sweep-<algorithm>-<dataset>-<time>)")
+    sw.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     priv = sub.add_parser("privacy", help="privacy tools: calibrate the noise for a target epsilon")
     psub = priv.add_subparsers(dest="privacy_command", required=True)
     cal = psub.add_parser("calibrate", help="the noise multiplier reaching (epsilon, delta) after R rounds")
@@ -92,6 +104,38 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from fedkd_jax import configure_cpu_devices
+    from fedkd_jax.config import load_config
+    from fedkd_jax.errors import FedKDError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.seeds < 1:
+            from fedkd_jax.errors import ConfigError
+
+            raise ConfigError("--seeds", f"must be a positive integer; got {args.seeds}")
+        out = args.out or os.path.join("runs", f"sweep-{cfg.algorithm}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        configure_cpu_devices(cfg.run.devices)
+        from fedkd_jax.sweeps import run_sweep
+
+        res = run_sweep(cfg, args.grid, args.seeds, out, progress=not args.no_progress and cfg.run.progress)
+    except FedKDError as e:
+        print(f"fedkd: error: {e}", file=sys.stderr)
+        return 2
+    if res.interrupted:
+        print(f"stopped by signal; checkpoints saved. Resume with the same command (--out {out}).")
+        return 0
+    print(f"finished {len(res.runs)} runs in {res.seconds:.1f} s ({res.groups} program group(s))")
+    for s in res.summary:
+        label = ", ".join(f"{k}={s[k]}" for k in res.keys) or "base"
+        acc = s.get("test_accuracy_mean")
+        print(f"  {label}: test accuracy {acc:.4f} ± {s['test_accuracy_std']:.4f} over {s['seeds']} seed(s)"
+              if acc is not None else f"  {label}: no evaluation")
+    print(f"outputs in {out}: sweep.csv, sweep.parquet, summary.csv, report.md, plots, runs/")
+    return 0
+
+
 def _audit(args) -> int:
     from fedkd_jax import configure_cpu_devices
     from fedkd_jax.errors import FedKDError
@@ -117,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         return _calibrate(args)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "sweep":
+        return _sweep(args)
     # Import after parsing so `fedkd --help` is fast; importing fedkd_jax does not start JAX.
     from fedkd_jax import configure_cpu_devices, distributed
     from fedkd_jax.config import load_config
     from fedkd_jax.errors import FedKDError
     from fedkd_jax.paths import check_run_dir, check_writable_dir
-    from fedkd_jax.run import run_experiment
+    from fedkd_jax.runner import run_experiment
 
     try:
         if args.command == "resume":

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import ConfigError, concrete
 
 COMPRESSIONS = ("none", "svd", "topk", "quant8")
 __all__ = ["COMPRESSIONS", "Compressor", "energy_threshold", "make_compressor", "quant8", "svd", "svd_leaf", "topk"]
@@ -81,7 +81,7 @@ def svd_leaf(x: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def svd(rounds: int, *, energy_start: float = 0.95, energy_end: float = 0.98) -> Compressor:
     for name, v in (("compression.energy_start", energy_start), ("compression.energy_end", energy_end)):
-        if not 0.0 < v <= 1.0:
+        if concrete(v) and not 0.0 < v <= 1.0:
             raise ConfigError(name, f"must be in (0, 1]; got {v}")
 
     def compress(update, key, round_index):

@@ -152,6 +152,7 @@ class RunConfig:
     memory_budget_gb: Optional[float] = None  # for client_store=auto (default: half the machine's memory)
     store_dir: Optional[str] = None  # disk store directory (default: <run dir>/client-store)
     eval_clients: Optional[int] = 10000  # per-client accuracy on at most this many clients (a fixed sample)
+    log_to: str = "files"  # files (metrics.jsonl/.csv, plot) | tensorboard (also TensorBoard event files)
 
 
 @dataclass
@@ -443,5 +444,6 @@ def validate(cfg: Config) -> None:
     _choice("run.client_store", r.client_store, STORES)
     _positive("run.memory_budget_gb", r.memory_budget_gb, allow_none=True)
     _positive("run.eval_clients", r.eval_clients, integer=True, allow_none=True)
+    _choice("run.log_to", r.log_to, ("files", "tensorboard"))
     if not 0 <= r.seed < 2**31:
         raise ConfigError("run.seed", f"must be in [0, 2^31); got {r.seed}")

@@ -27,3 +27,16 @@ class DataError(FedKDError):
 
 class CheckpointError(FedKDError):
     """Saved checkpoints cannot be used (all damaged, or they no longer match the code)."""
+
+
+def concrete(value) -> bool:
+    """Whether ``value`` is a plain number (not a traced hyperparameter of a batched sweep).
+
+    Factories check ranges only on concrete values; a sweep's traced values
+    were checked by the config before tracing.
+    """
+    import numbers
+
+    import numpy as np
+
+    return isinstance(value, (numbers.Number, np.number)) or (isinstance(value, np.ndarray) and value.ndim == 0)

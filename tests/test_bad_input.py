@@ -10,7 +10,7 @@ import pytest
 import fedkd_jax as fk
 from fedkd_jax.config import load_config
 from fedkd_jax.errors import ConfigError, DataError
-from fedkd_jax.run import run_experiment
+from fedkd_jax.runner import run_experiment
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from fedkd_jax.distributed import free_port
-from fedkd_jax.run import read_jsonl
+from fedkd_jax.runner import read_jsonl
 
 ARGS = ["--no-progress", "--set", "algorithm=fedkd", "--set", "data.num_clients=16", "--set", "run.cohort_size=4",
         "--set", "model.hidden=[16]", "--set", "distill.teacher_hidden=[24]", "--set", "run.eval_every=4",

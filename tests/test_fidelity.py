@@ -56,7 +56,7 @@ def test_dropped_stragglers_upload_nothing_and_the_rest_count_exactly(fd):
 
 def test_run_log_of_empty_rounds_has_no_zero_loss(tmp_path):
     from fedkd_jax.config import load_config
-    from fedkd_jax.run import read_jsonl, run_experiment
+    from fedkd_jax.runner import read_jsonl, run_experiment
 
     cfg = load_config(None, ["algorithm=fedavg", "data.num_clients=10", "run.cohort_size=4", "run.rounds=3",
                              "run.eval_every=3", "run.devices=1", "client.straggler_fraction=1.0"])

@@ -17,7 +17,7 @@ from fedkd_jax.aggregation import ClientIn, ServerIn, chain, mean
 from fedkd_jax.config import load_config
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.privacy import gaussian, secure_aggregation
-from fedkd_jax.run import read_jsonl, run_experiment
+from fedkd_jax.runner import read_jsonl, run_experiment
 
 STUDENT = dict(num_features=64, num_classes=10, hidden=(16,))
 

@@ -18,8 +18,8 @@ import fedkd_jax as fk
 from fedkd_jax.builders import build_algorithm, build_compressor, build_data, build_model
 from fedkd_jax.config import load_config
 from fedkd_jax.errors import ConfigError
-from fedkd_jax.run import Checkpointer, read_jsonl, run_experiment
-from fedkd_jax.run.resume import saved_config
+from fedkd_jax.runner import Checkpointer, read_jsonl, run_experiment
+from fedkd_jax.runner.resume import saved_config
 
 TIMING = ("round_time", "wall_time")
 BASE = [
@@ -262,7 +262,7 @@ def test_client_store_is_saved_incrementally_and_verified(tmp_path):
 
 
 def test_client_store_chains_segments_and_compacts_into_a_base(tmp_path):
-    from fedkd_jax.run.client_store import ClientStoreCheckpointer
+    from fedkd_jax.runner.client_store import ClientStoreCheckpointer
     from fedkd_jax.store import HostStore
 
     template = {"w": jax.ShapeDtypeStruct((2,), np.float32), "b": jax.ShapeDtypeStruct((), np.int32)}

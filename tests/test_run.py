@@ -14,7 +14,7 @@ import fedkd_jax as fk
 from fedkd_jax.builders import build_algorithm, build_data, build_model
 from fedkd_jax.config import from_dict, load_config, resolve_defaults
 from fedkd_jax.engine import Simulator, make_evaluator
-from fedkd_jax.run import Checkpointer, read_jsonl, run_experiment
+from fedkd_jax.runner import Checkpointer, read_jsonl, run_experiment
 
 SMALL = [
     "algorithm=fedavg",
@@ -93,7 +93,7 @@ def test_public_api_imports():
     import fedkd_jax
 
     for mod in (fedkd_jax, fedkd_jax.algorithms, fedkd_jax.data, fedkd_jax.engine, fedkd_jax.losses, fedkd_jax.models,
-                fedkd_jax.run, fedkd_jax.store):
+                fedkd_jax.runner, fedkd_jax.store):
         for name in mod.__all__:
             assert getattr(mod, name) is not None, f"{mod.__name__}.{name}"
     assert jax.device_count() == 4

@@ -12,7 +12,7 @@ import pytest
 import fedkd_jax as fk
 from fedkd_jax.config import load_config
 from fedkd_jax.errors import ConfigError
-from fedkd_jax.run import read_jsonl, run_experiment
+from fedkd_jax.runner import read_jsonl, run_experiment
 
 STUDENT = dict(num_features=64, num_classes=10, hidden=(16,))
 TEACHER = dict(num_features=64, num_classes=10, hidden=(24,))
@@ -79,7 +79,7 @@ def test_device_host_and_disk_stores_are_bit_identical(tmp_path):
 
 
 def test_prefetch_never_serves_a_stale_state(digits):
-    from fedkd_jax.run.prefetch import Prefetcher
+    from fedkd_jax.runner.prefetch import Prefetcher
 
     fd = fk.federate(digits, partition="dirichlet", num_clients=6, seed=1, alpha=1.0)
     alg = _fedkd(fd)

@@ -28,7 +28,7 @@ import optax
 
 from fedkd_jax.algorithms.base import FULL_WORK, LEGACY_STRAGGLER, STRAGGLER, ClientData, ClientOutput, FederatedAlgorithm
 from fedkd_jax.algorithms.local import local_train, real_steps
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import ConfigError, concrete
 from fedkd_jax.losses import cross_entropy
 from fedkd_jax.models import Model, Params
 
@@ -80,7 +80,7 @@ def local_sgd_algorithm(
     drop_stragglers: bool = True,
 ) -> FederatedAlgorithm:
     """Shared body of FedAvg and FedProx (see the module docstrings)."""
-    if proximal_mu < 0:
+    if concrete(proximal_mu) and proximal_mu < 0:
         raise ConfigError("fedprox.mu", f"must be >= 0; got {proximal_mu}")
 
     def init(key: jax.Array) -> FedAvgState:
@@ -91,7 +91,7 @@ def local_sgd_algorithm(
         def loss_fn(p, x, y, where):
             logits, _ = model.apply(p, x)
             loss, m = cross_entropy(logits, y, where=where)
-            if proximal_mu > 0:
+            if not concrete(proximal_mu) or proximal_mu > 0:
                 sq = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
                 loss = loss + 0.5 * proximal_mu * sq
             return loss, m

@@ -46,7 +46,7 @@ import optax
 from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
 from fedkd_jax.algorithms.fedavg import FedAvgState, local_sgd_algorithm
 from fedkd_jax.algorithms.server_distill import check_proxy, distill_on_proxy, proxy_logits, split_validation
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import ConfigError, concrete
 from fedkd_jax.losses import kd_loss
 from fedkd_jax.models import Model, Params
 from fedkd_jax.tree_util import tree_bytes
@@ -100,7 +100,7 @@ def feddf(
       val_fraction: share of the proxy held out for early stopping (0: none).
     """
     proxy = check_proxy(proxy_x, model, "feddf")
-    if not temperature > 0:
+    if concrete(temperature) and not temperature > 0:
         raise ConfigError("distill.temperature", f"must be > 0; got {temperature}")
     if distill_steps < 1:
         raise ConfigError("distill.server_steps", f"must be a positive integer; got {distill_steps}")

@@ -29,7 +29,7 @@ import optax
 from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
 from fedkd_jax.algorithms.fedavg import FedAvgState, server_sgd_update
 from fedkd_jax.algorithms.local import scan_batches
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import ConfigError, concrete
 from fedkd_jax.losses import fedkd_mutual
 from fedkd_jax.models import Model, Params
 
@@ -74,7 +74,7 @@ def fedkd(
       server_optimizer: applied to the negated mean student delta.
       temperature: softmax temperature of the mutual KL terms (the paper uses 1).
     """
-    if not temperature > 0:
+    if concrete(temperature) and not temperature > 0:
         raise ConfigError("distill.temperature", f"must be > 0; got {temperature}")
     fs, ft = student.feature_dim, teacher.feature_dim
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import optax
 
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import ConfigError, concrete
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -40,7 +40,7 @@ def server_settings(name: str, **given: float | None) -> dict[str, float]:
     if name not in SERVER_DEFAULTS:
         raise ConfigError("server.optimizer", f"unknown server optimizer {name!r}; allowed: {', '.join(SERVER_OPTIMIZERS)}")
     out = dict(SERVER_DEFAULTS[name])
-    out.update({k: float(v) for k, v in given.items() if v is not None})
+    out.update({k: (float(v) if concrete(v) else v) for k, v in given.items() if v is not None})
     return out
 
 

@@ -47,7 +47,7 @@ from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorit
 from fedkd_jax.algorithms.fedavg import FedAvgState, server_sgd_update
 from fedkd_jax.algorithms.local import local_train
 from fedkd_jax.algorithms.server_distill import check_proxy, distill_on_proxy, pass_batches, proxy_logits
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import ConfigError, concrete
 from fedkd_jax.losses import cross_entropy, kd_mix
 from fedkd_jax.models import Model, Params
 from fedkd_jax.tree_util import tree_bytes
@@ -103,9 +103,9 @@ def server_teacher_kd(
     if warmup_rounds < 0:
         raise ConfigError("distill.warmup_rounds", f"must be >= 0; got {warmup_rounds}")
     threshold = 0 if warmup == "labeled" else int(warmup_rounds)
-    if not 0.0 <= alpha <= 1.0:
+    if concrete(alpha) and not 0.0 <= alpha <= 1.0:
         raise ConfigError("distill.alpha", f"must be in [0, 1]; got {alpha}")
-    if not temperature > 0:
+    if concrete(temperature) and not temperature > 0:
         raise ConfigError("distill.temperature", f"must be > 0; got {temperature}")
     if distill_steps < 1:
         raise ConfigError("distill.server_steps", f"must be a positive integer; got {distill_steps}")

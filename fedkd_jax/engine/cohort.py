@@ -71,7 +71,8 @@ def straggler_flags(rkey: jax.Array, cohort_size: int, padded: int, fraction: fl
     key = jax.random.fold_in(rkey, _STRAGGLERS)
     u = jax.random.uniform(key, (cohort_size,))
     if mode == "fixed":
-        k = round(fraction * cohort_size)  # Python's round, as FedProx's reference code
+        # Python's round (half to even), as FedProx's reference code; jnp.round agrees for swept values
+        k = round(fraction * cohort_size) if isinstance(fraction, (int, float)) else jnp.round(fraction * cohort_size)
         rank = jnp.argsort(jnp.argsort(u))
         flags = jnp.where(rank < k, STRAGGLER, FULL_WORK)
     else:
@@ -104,7 +105,8 @@ def union_size(num_rounds: int, cohort_size: int, num_clients: int) -> int:
 
 
 def make_plan(data, key_or_bits, start: int, num_rounds: int, cohort_size: int, padded: int, *,
-              stateful: bool, sampling: str = "fixed", capacity: int | None = None) -> Plan:
+              stateful: bool, sampling: str = "fixed", capacity: int | None = None,
+              width: int | None = None) -> Plan:
     """The host-side plan of rounds ``start .. start + num_rounds - 1``.
 
     ``data`` is a :class:`~fedkd_jax.data.FederatedData` (its row tables stay on the host).
@@ -118,7 +120,7 @@ def make_plan(data, key_or_bits, start: int, num_rounds: int, cohort_size: int, 
         if len(c) > cap:
             raise RuntimeError(f"round {start + r}: a Poisson cohort of {len(c)} exceeds the {cap} reserved positions")
         ids[r, : len(c)] = c
-    rows = data.row_table(ids.reshape(-1)).reshape(num_rounds, padded, -1)
+    rows = data.row_table(ids.reshape(-1), width=width).reshape(num_rounds, padded, -1)
     counts = np.where(ids < n, data.counts[np.minimum(ids, n - 1)], 0).astype(np.int32)
     u = union_size(num_rounds, cap, n) if stateful else 0
     if stateful:

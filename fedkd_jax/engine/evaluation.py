@@ -9,6 +9,7 @@ per-client figures come from a fixed, seeded sample of clients
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -89,8 +90,9 @@ def _client_accuracy(apply: Apply, ev: EvalData, clients_per_chunk: int, *, shar
     return jax.lax.map(one, (stacked, ev.test_rows, ev.test_counts), batch_size=clients_per_chunk)
 
 
+@functools.lru_cache(maxsize=64)
 def make_evaluator(apply: Apply, *, chunk: int = 1024, clients_per_chunk: int = 64):
-    """``evaluate(params, ev: EvalData) -> metrics`` (jitted).
+    """``evaluate(params, ev: EvalData) -> metrics`` (jitted; one per model, cached).
 
     Returns a dict with ``test_loss``, ``test_accuracy`` (global test set) and
     ``client_accuracy [E]`` (NaN for clients without a local test split).
@@ -109,6 +111,7 @@ def make_evaluator(apply: Apply, *, chunk: int = 1024, clients_per_chunk: int = 
     return evaluate
 
 
+@functools.lru_cache(maxsize=64)
 def make_personal_evaluator(apply: Apply, *, clients_per_chunk: int = 64):
     """``evaluate(stacked_params [E, ...], ev) -> [E]`` accuracy of each evaluated client's
     own model (e.g. its private teacher) on its local test split (NaN without one)."""

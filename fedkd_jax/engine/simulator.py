@@ -31,7 +31,9 @@ tuned setting (1 is best on CPU; larger groups feed accelerators).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import weakref
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,15 @@ def _fill_fresh(states: Any, fresh: jax.Array, init: Any) -> Any:
 
 
 _INIT_BLOCK = 32  # clients initialised per call (a fixed shape: one compile per run)
+_INIT_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _init_program(init_client: Callable) -> Callable:
+    """``(key, ids) -> states`` jitted once per ``init_client`` (shared by simulators of a sweep)."""
+    if init_client not in _INIT_PROGRAMS:
+        _INIT_PROGRAMS[init_client] = jax.jit(
+            lambda key, ids: jax.vmap(lambda i: init_client(client_init_key(key, i)))(ids))
+    return _INIT_PROGRAMS[init_client]
 
 
 class Simulator:
@@ -154,6 +165,10 @@ class Simulator:
       store: where per-client states live: ``device``, ``host``, ``disk`` or a
         :class:`~fedkd_jax.store.ClientStore` (stateless algorithms need none).
       store_dir: directory of the ``disk`` store.
+      max_examples: pad every client to this many rows (default: the largest
+        client); a batched sweep pads all its runs to one width.
+      build: ``hp -> (algorithm, aggregator, downlink, straggler_fraction)``
+        from traced hyperparameters, for batched sweeps (:mod:`fedkd_jax.sweeps`).
     """
 
     def __init__(
@@ -173,6 +188,8 @@ class Simulator:
         sampling: str = "fixed",
         store: str | ClientStore = "device",
         store_dir: str | None = None,
+        max_examples: int | None = None,
+        build: Callable[[Any], tuple] | None = None,
     ):
         n = data.num_clients
         if not 1 <= cohort_size <= n:
@@ -206,9 +223,10 @@ class Simulator:
             raise ConfigError("privacy.sampling", f"unknown value {sampling!r}; allowed: fixed, poisson")
         self.sampling = sampling
         self.capacity = poisson_capacity(n, cohort_size) if sampling == "poisson" else cohort_size
-        self.num_devices = int(self.mesh.devices.size)
+        self.num_devices = int(self.mesh.shape[CLIENTS])
         self.padded_cohort = padded_cohort(self.capacity, self.num_devices, group_size)
-        self.max_examples = data.max_examples
+        self.max_examples = max(int(max_examples or 0), data.max_examples)
+        self.build = build
         self.stateful = algorithm.init_client is not None
         self.client_template = (jax.eval_shape(algorithm.init_client, jax.random.key(0)) if self.stateful else ())
         self.store: ClientStore | None = None
@@ -226,7 +244,7 @@ class Simulator:
             self.bytes_down_per_client = tree_bytes(jax.eval_shape(algorithm.broadcast, abstract.server))
         self.bytes_up_per_client = tree_bytes(self._abstract_output(abstract).update)
         self._program = jax.jit(self._rounds, static_argnums=(0,))
-        self._init_block = jax.jit(self.init_clients)
+        self._init_block = _init_program(algorithm.init_client) if self.stateful else None
 
     # ----------------------------------------------------------------- setup
     def init(self, seed: int | jax.Array) -> SimState:
@@ -263,7 +281,8 @@ class Simulator:
         return jax.eval_shape(self.algorithm.client_update, bc, self.client_template, cd, abstract.key)
 
     # ----------------------------------------------------------------- round
-    def _clients(self, bcast, rkey, round_index, ids, rows, counts, pos, stragglers, union, pool, sdata, agg_state):
+    def _clients(self, alg, agg, bcast, rkey, round_index, ids, rows, counts, pos, stragglers, union, pool, sdata,
+                 agg_state):
         """Per-device body of the shard_map: this device's slice of the cohort.
 
         ``ids``, ``rows``, ``counts``, ``pos`` and ``stragglers`` arrive sharded
@@ -271,14 +290,15 @@ class Simulator:
         arrive replicated. The round needs no collective besides the final
         all-reduce.
         """
-        alg, g = self.algorithm, self.group_size
+        g = self.group_size
         # Each client trains its own copy of the broadcast: mark it as varying over
         # the mesh axis, or gradients w.r.t. it would be summed across devices.
-        bcast = jax.tree.map(lambda a: jax.lax.pcast(a, CLIENTS, to="varying"), bcast)
+        if self.build is None:
+            bcast = jax.tree.map(lambda a: jax.lax.pcast(a, CLIENTS, to="varying"), bcast)
         n_local = ids.shape[0]
         cstates = jax.tree.map(lambda a: jnp.take(a, pos, axis=0, mode="clip"), union)
 
-        chain = self.aggregator.transforms
+        chain = agg.transforms
         all_ids = jax.lax.all_gather(ids, CLIENTS, tiled=True) if self._needs_cohort else ids
         offset = jax.lax.axis_index(CLIENTS) * n_local
 
@@ -327,7 +347,10 @@ class Simulator:
 
         first = jax.tree.map(lambda a: a[0], xs)
         shape = jax.eval_shape(lambda a: group_sum(per_client(*a)[0]), first)
-        zeros = jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), CLIENTS, to="varying"), shape)
+        if self.build is None:
+            zeros = jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), CLIENTS, to="varying"), shape)
+        else:
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
 
         def body(acc, x):
             sums, per = per_client(*x)
@@ -349,19 +372,23 @@ class Simulator:
         leaves = [next(ints) if jnp.issubdtype(x.dtype, jnp.integer) else next(floats) for x in leaves]
         return jax.tree.unflatten(treedef, leaves), per_client_out
 
-    def _round(self, state: SimState, union, ids, rows, counts, pos, pool: PoolData, sdata):
-        alg = self.algorithm
+    def _round(self, state: SimState, union, ids, rows, counts, pos, pool: PoolData, sdata, hp=None):
+        alg, agg, downlink, strag_frac = self._parts(hp)
         rkey = round_key(state.key, state.round)
         if self.straggler_fraction > 0:
-            stragglers = straggler_flags(rkey, self.cohort_size, self.padded_cohort, self.straggler_fraction,
+            stragglers = straggler_flags(rkey, self.cohort_size, self.padded_cohort, strag_frac,
                                          self.straggler_mode)
         else:
             stragglers = jnp.zeros((self.padded_cohort,), jnp.int32)
         bcast = alg.broadcast(state.server)
 
         sharded = jax.shard_map(
-            self._clients,
+            partial(self._clients, alg, agg),
             mesh=self.mesh,
+            # Batched sweeps vmap this over a 'runs' mesh axis; the varying-axes type
+            # check does not follow values through that batching, so it is off there
+            # (each device holds whole runs: no gradient crosses devices either way).
+            check_vma=self.build is None,
             in_specs=(P(), P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(), P(), P(), P()),
             out_specs=(P(), P(CLIENTS)),
         )
@@ -373,7 +400,7 @@ class Simulator:
         any_client = w_sum > 0
         agg_state = dict(state.agg)
         metrics = {}
-        for i, t in reversed(list(enumerate(self.aggregator.transforms))):
+        for i, t in reversed(list(enumerate(agg.transforms))):
             if t.finalize is None:
                 continue
             sin = ServerIn(jax.random.fold_in(jax.random.fold_in(rkey, _AGGREGATE), i), state.round,
@@ -383,12 +410,12 @@ class Simulator:
         mean_update, mean_aux = payload["update"], payload["aux"]
         skey = jax.random.fold_in(rkey, _SERVER)
         server, server_metrics = alg.server_update(state.server, mean_update, mean_aux, skey, sdata)
-        if self.downlink is not None:
+        if downlink is not None:
             old = alg.model_params(state.server)
             delta = jax.tree.map(jnp.subtract, alg.model_params(server), old)
             cin = ClientIn(jax.random.fold_in(rkey, _DOWNLINK), state.round, (), jnp.float32(1), jnp.float32(1),
                            jnp.int32(0), ids, (), jnp.int32(-1))
-            down, co = self.downlink.encode({"update": delta, "aux": ()}, cin)
+            down, co = downlink.encode({"update": delta, "aux": ()}, cin)
             server = alg.set_model_params(server, jax.tree.map(jnp.add, old, down["update"]))
             metrics["bytes_down_client"] = jnp.where(any_client, jnp.round(co.payload_bytes), 0).astype(jnp.int32)
         server = tree_where(any_client, server, state.server)
@@ -406,10 +433,19 @@ class Simulator:
         metrics["bytes_up_clients"] = client_bytes  # [Cp] int32, exact (0 for padding and dropped clients)
         return SimState(state.round + 1, server, state.key, agg_state), union, metrics
 
-    def _rounds(self, num_rounds: int, state: SimState, pool: PoolData, ids, rows, counts, pos, union, sdata):
+    def _parts(self, hp):
+        """The algorithm, chain, downlink and straggler share of a round: the static ones,
+        or (batched sweeps) those ``self.build`` makes from traced hyperparameters ``hp``."""
+        if hp is None:
+            return self.algorithm, self.aggregator, self.downlink, self.straggler_fraction
+        alg, agg, downlink, strag = self.build(hp)
+        return alg, agg, (compress(downlink) if isinstance(downlink, Compressor) else downlink), strag
+
+    def _rounds(self, num_rounds: int, state: SimState, pool: PoolData, ids, rows, counts, pos, union, sdata,
+                hp=None):
         def body(carry, xs):
             st, un = carry
-            st, un, m = self._round(st, un, *xs, pool, sdata)
+            st, un, m = self._round(st, un, *xs, pool, sdata, hp)
             return (st, un), m
 
         (state, union), metrics = jax.lax.scan(body, (state, union), (ids, rows, counts, pos), length=num_rounds)
@@ -419,7 +455,8 @@ class Simulator:
     def plan(self, key: jax.Array | tuple[int, ...], start: int, num_rounds: int) -> Plan:
         """The host-side plan (cohorts, rows, union) of ``num_rounds`` rounds from ``start``."""
         return make_plan(self.data, key, start, num_rounds, self.cohort_size, self.padded_cohort,
-                         stateful=self.stateful, sampling=self.sampling, capacity=self.capacity)
+                         stateful=self.stateful, sampling=self.sampling, capacity=self.capacity,
+                         width=self.max_examples)
 
     def initial_states(self, key: jax.Array, ids: np.ndarray) -> list[np.ndarray]:
         """Host copies (one array per leaf, ``[len(ids), ...]``) of the seed-defined
@@ -427,6 +464,10 @@ class Simulator:
         device, so the initialiser compiles once per run."""
         ids = np.asarray(ids, np.int32)
         b = _INIT_BLOCK
+        # one placement for the key wherever it comes from, so the initialiser compiles once
+        if isinstance(key, jax.Array) and not key.is_fully_addressable:  # a multi-process global key
+            key = key.addressable_data(0)
+        key = jax.device_put(key, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         out = []
         for i in range(0, len(ids), b):
             block = np.zeros(b, np.int32)

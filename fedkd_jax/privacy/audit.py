@@ -156,8 +156,8 @@ def audit_run(run_dir: str, *, shadows: int = 4, members: int = 500, seed: int =
 
     from fedkd_jax.builders import build_algorithm, build_data, build_model, build_simulator
     from fedkd_jax.paths import check_run_dir
-    from fedkd_jax.run.checkpoint import Checkpointer
-    from fedkd_jax.run.resume import saved_config
+    from fedkd_jax.runner.checkpoint import Checkpointer
+    from fedkd_jax.runner.resume import saved_config
 
     check_run_dir("run_dir", run_dir)
     cfg = saved_config(run_dir)

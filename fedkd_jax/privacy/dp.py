@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fedkd_jax.aggregation.base import ClientIn, ClientOut, ServerIn, Transform
-from fedkd_jax.errors import ConfigError
+from fedkd_jax.errors import ConfigError, concrete
 
 _COUNT_NOISE = 0xC0C0
 
@@ -41,6 +41,8 @@ def update_noise_multiplier(z: float, count_stddev: float | None) -> float:
     """The multiplier left for the update when the clipped count takes its share."""
     if not count_stddev:
         return z
+    if not concrete(z):  # a swept value: checked by the config before tracing
+        return jnp.where(z > 0, jnp.maximum(z ** -2 - (2.0 * count_stddev) ** -2, 1e-30) ** -0.5, 0.0)
     if z == 0:
         return 0.0
     rest = z ** -2 - (2.0 * count_stddev) ** -2
@@ -63,9 +65,9 @@ def gaussian(noise_multiplier: float, clip_norm: float, *, expected_clients: flo
       learning_rate: adaptive clipping's geometric step.
       count_stddev: noise on the unclipped count (default ``expected_clients / 20``).
     """
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+    if concrete(noise_multiplier) and not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ConfigError("privacy.noise_multiplier", f"must be a finite number >= 0; got {noise_multiplier}")
-    if not clip_norm > 0:
+    if concrete(clip_norm) and not clip_norm > 0:
         raise ConfigError("privacy.clip_norm", f"must be > 0; got {clip_norm}")
     adaptive = quantile is not None
     if adaptive and not 0 < quantile < 1:
@@ -87,7 +89,7 @@ def gaussian(noise_multiplier: float, clip_norm: float, *, expected_clients: flo
 
     def finalize(total, sin: ServerIn):
         s = sin.state["clip_norm"]
-        if z_update > 0:
+        if not concrete(z_update) or z_update > 0:
             leaves, treedef = jax.tree.flatten(total)
             keys = jax.random.split(sin.key, len(leaves))
             noisy = [x + (z_update * s) * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]

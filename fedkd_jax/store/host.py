@@ -11,7 +11,7 @@ writes whole rows of a few thousand clients at random ids, which is one
 fancy-index on a mapped array, with no chunk codec or extra dependency in
 the hot path, and the files are plain arrays any tool can read. The files are
 the live store, not the checkpoint: crash safety comes from the incremental
-checkpoint segments (:mod:`fedkd_jax.run.client_store`), and a resume
+checkpoint segments (:mod:`fedkd_jax.runner.client_store`), and a resume
 rebuilds the store from them.
 """
 

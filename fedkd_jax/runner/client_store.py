@@ -15,7 +15,7 @@ client is written. A disk store is therefore never copied whole.
 
 To restore round ``r``, its base is loaded and its segments are applied in
 order. The checkpoint's integrity record (see
-:mod:`fedkd_jax.run.checkpoint`) lists that chain. A missing, torn or altered
+:mod:`fedkd_jax.runner.checkpoint`) lists that chain. A missing, torn or altered
 file makes the checkpoint invalid, and the restore falls back to an older one.
 
 Files are written by a background thread: to ``*.tmp`` first, then renamed

@@ -12,7 +12,7 @@
   shardings: a checkpoint written on 4 devices restores on 2 or 1, and back.
 * The per-client population store (:mod:`fedkd_jax.store`, e.g. FedKD's
   private teachers) is not part of the state and is not rewritten whole:
-  orbax saves the simulation state, and :mod:`fedkd_jax.run.client_store`
+  orbax saves the simulation state, and :mod:`fedkd_jax.runner.client_store`
   writes only the clients changed since the previous checkpoint, chained to
   a periodic base of the touched clients.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import warnings
 from typing import Any
@@ -32,9 +33,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedkd_jax.engine.cohort import key_bits
-from fedkd_jax.run.client_store import ClientStoreCheckpointer, IntegrityError
+from fedkd_jax.runner.client_store import ClientStoreCheckpointer, IntegrityError
 
 FORMAT = 2
+# Orbax's asynchronous saves coordinate through process-wide state; several
+# checkpointers (a sweep's runs) committing from their writer threads at once
+# collide, so commits go one at a time.
+_ORBAX_LOCK = threading.Lock()
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -124,8 +129,10 @@ class Checkpointer:
                     with open(path + ".tmp", "w") as f:
                         json.dump(chain, f)
                     os.replace(path + ".tmp", path)
-                self._orbax_save(r, state, dict(record, store_chain=chain))
-                self.manager.wait_until_finished()
+                with _ORBAX_LOCK:
+                    self.manager.save(r, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                 integrity=ocp.args.JsonSave(dict(record, store_chain=chain))))
+                    self.manager.wait_until_finished()
                 if self.store.primary:
                     self._prune()
 
@@ -133,8 +140,9 @@ class Checkpointer:
         self.blocking_seconds += time.perf_counter() - t0
 
     def _orbax_save(self, r: int, state: Any, record: dict) -> None:
-        self.manager.save(r, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     integrity=ocp.args.JsonSave(record)))
+        with _ORBAX_LOCK:
+            self.manager.save(r, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         integrity=ocp.args.JsonSave(record)))
 
     def _prune(self) -> None:
         """Drop store files and chain records no committed checkpoint needs (writer thread)."""

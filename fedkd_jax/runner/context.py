@@ -1,0 +1,271 @@
+"""One run's life around its dispatches: build, restore, log, evaluate, checkpoint, finish.
+
+The run loop (:mod:`fedkd_jax.runner.loop`) and the batched sweep loop
+(:mod:`fedkd_jax.sweeps.loop`) both drive :class:`RunContext` objects: after
+each dispatch the loop hands the context the dispatch's metrics, and the
+context's callbacks turn them into rows (``metrics.jsonl``/``.csv``,
+TensorBoard), evaluations, checkpoints and progress. The loops themselves
+only decide what to dispatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from fedkd_jax import distributed
+from fedkd_jax.config import Config, to_dict, to_yaml
+from fedkd_jax.engine import Simulator, eval_clients, make_evaluator, make_personal_evaluator, summarize_clients
+from fedkd_jax.errors import CheckpointError
+from fedkd_jax.runner.checkpoint import Checkpointer
+from fedkd_jax.runner.client_store import IntegrityError
+from fedkd_jax.runner.outputs import MetricsLog, plot_accuracy
+from fedkd_jax.runner.resume import complete_rows
+
+NOT_LOGGED = ("weight_sum", "bytes_up_clients", "bytes_down_client", "clients_contributing")
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    rounds: int
+    final: dict[str, Any]
+    seconds: float
+    first_dispatch_seconds: float
+    resumed_from: int | None = None
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+    state: Any = None  # the final simulation state (host arrays)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def next_boundary(r: int, every: int) -> int:
+    return (r // every + 1) * every
+
+
+def make_evaluate(sim: Simulator, ev_ids: np.ndarray) -> Callable[[Any], dict[str, Any]]:
+    """``(state) -> dict`` of global metrics, the per-client accuracy summary and,
+    for algorithms with personal models (FedKD teachers), their summary, on the
+    clients ``ev_ids`` (all of them, or a fixed sample of a large population)."""
+    from fedkd_jax.engine import fetch
+
+    algorithm = sim.algorithm
+    ev_data = sim.eval_data(ev_ids)
+    global_eval = make_evaluator(algorithm.model.apply)
+    personal_eval = make_personal_evaluator(algorithm.personal_model.apply) if algorithm.personal_model else None
+
+    def evaluate(state) -> dict[str, Any]:
+        ev = {k: fetch(v) for k, v in global_eval(algorithm.model_params(state.server), ev_data).items()}
+        out = {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
+        out.update(summarize_clients(ev["client_accuracy"]))
+        if personal_eval is not None:
+            params = algorithm.personal_params(sim.client_states(state.key, ev_ids))
+            out.update(summarize_clients(fetch(personal_eval(params, ev_data)), prefix="teacher_acc"))
+        return out
+
+    return evaluate
+
+
+class TensorBoardLog:
+    """Per-round scalars to TensorBoard (``run.log_to=tensorboard``), via tensorboardX."""
+
+    def __init__(self, run_dir: str):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            for k, v in row.items():
+                if k != "round" and isinstance(v, (int, float)) and v is not None and np.isfinite(v):
+                    self.writer.add_scalar(k, v, row["round"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class RunContext:
+    """Everything one run keeps between dispatches (see the module docstring)."""
+
+    def __init__(self, cfg: Config, out_dir: str, sim: Simulator, accountant, *, resuming: bool,
+                 progress_desc: str = ""):
+        self.cfg, self.out_dir, self.sim, self.accountant = cfg, out_dir, sim, accountant
+        r = cfg.run
+        self.evaluate = make_evaluate(sim, eval_clients(sim.num_clients, r.eval_clients, r.seed))
+        self.pool = sim.put_data()
+        state = sim.put_state(sim.init(r.seed))
+        self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, store=sim.store)
+        self.resumed_from = None
+        restored = None
+        if resuming:
+            try:
+                restored = self.ckpt.restore_latest(state)
+            except IntegrityError as e:
+                self.ckpt.close()
+                raise CheckpointError("--out", str(e)) from None
+            except Exception as e:  # noqa: BLE001 - e.g. a state structure that no longer matches the code
+                self.ckpt.close()
+                raise CheckpointError("--out", f"could not restore the checkpoints in {out_dir!r} "
+                                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                               "nothing was changed") from None
+        if restored is not None:
+            state, self.resumed_from = restored
+        else:
+            self.ckpt.start_fresh()
+        self.state = state
+        self.primary = distributed.is_primary()
+        kept = complete_rows(out_dir, self.resumed_from or 0)
+        distributed.barrier("fedkd-read-run-dir")  # every process has read the run dir before process 0 writes
+        if self.primary:
+            os.makedirs(out_dir, exist_ok=True)
+            for name, text in (("config.yaml", to_yaml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
+                with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                    f.write(text)
+                os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        self.log = MetricsLog(out_dir, writable=self.primary)
+        self.log.reset(kept)
+        self.callbacks = [self.log]
+        if r.log_to == "tensorboard" and self.primary:
+            self.tb = TensorBoardLog(out_dir)
+            self.callbacks.append(self.tb)
+        else:
+            self.tb = None
+        self.done = self.resumed_from or 0
+        last = self.log.rows[-1] if self.log.rows else {}
+        self.cum_up, self.cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
+        self.wall0 = float(last.get("wall_time", 0.0))
+        self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
+        self.bytes_down = sim.round_bytes()[1]
+        self.t_start = time.perf_counter()
+        self.first_dispatch = None
+        self.limit, self.budget_note = r.rounds, None
+        if accountant is not None and cfg.privacy.target_epsilon is not None:
+            within = accountant.rounds_within(cfg.privacy.target_epsilon, r.rounds)
+            if within < r.rounds:
+                self.limit = within
+                self.budget_note = (
+                    f"privacy budget: stopped after round {within}, epsilon {accountant.epsilon_at(within):.3f} "
+                    f"<= target {cfg.privacy.target_epsilon:g} at delta {accountant.delta:g} "
+                    f"({accountant.relation}); round {within + 1} would exceed it")
+
+    def rewind(self, step: int, like: Any) -> None:
+        """Go back to the checkpoint of ``step`` (a sweep resumes all its runs at a common round)."""
+        self.state = self.ckpt.restore(step, like)
+        self.resumed_from = self.done = step
+        self.log.reset(complete_rows(self.out_dir, step))
+        last = self.log.rows[-1] if self.log.rows else {}
+        self.cum_up, self.cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
+        self.wall0 = float(last.get("wall_time", 0.0))
+        self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
+
+    def chunk(self, at: int) -> int:
+        """Rounds in the dispatch starting at ``at``: boundaries are absolute multiples of every
+        cadence, so a resumed run dispatches exactly the chunks the original would."""
+        r = self.cfg.run
+        return min(next_boundary(at, r.rounds_per_dispatch), next_boundary(at, r.eval_every),
+                   next_boundary(at, r.checkpoint_every), self.limit) - at
+
+    def record(self, state: Any, m: dict[str, np.ndarray], n: int, seconds: float, *, stopping: bool = False) -> list[dict]:
+        """After a dispatch of ``n`` rounds: rows, evaluation, logs, checkpoint. ``m``: host metrics ``[n, ...]``."""
+        r = self.cfg.run
+        self.state = state
+        self.first_dispatch = seconds if self.first_dispatch is None else self.first_dispatch
+        rows = []
+        for i in range(n):
+            row = {"round": self.done + i + 1}
+            row.update({k: float(v[i]) for k, v in m.items() if k not in NOT_LOGGED})
+            row["clients_contributing"] = int(m["clients_contributing"][i])
+            row["round_time"] = seconds / n
+            row["bytes_up"] = int(np.asarray(m["bytes_up_clients"][i], np.int64).sum())
+            if "bytes_down_client" in m:  # downlink compression: the payload each cohort client receives
+                row["bytes_down"] = r.cohort_size * int(m["bytes_down_client"][i])
+            else:
+                row["bytes_down"] = self.bytes_down
+            self.cum_up += row["bytes_up"]
+            self.cum_down += row["bytes_down"]
+            row["cum_bytes_up"], row["cum_bytes_down"] = self.cum_up, self.cum_down
+            if self.accountant is not None:
+                row["epsilon"] = self.accountant.epsilon_at(row["round"])
+            rows.append(row)
+        self.done += n
+        if self.done % r.eval_every == 0 or self.done == self.limit:
+            self.last_eval = self.evaluate(state)
+            rows[-1].update(self.last_eval)
+        wall = self.wall0 + time.perf_counter() - self.t_start
+        for row in rows:
+            row["wall_time"] = wall
+        for cb in self.callbacks:
+            cb.write(rows)  # rows reach disk before the checkpoint that covers them
+        if self.done % r.checkpoint_every == 0 or self.done == self.limit or stopping:
+            self.ckpt.save(self.done, state)
+        return rows
+
+    def close(self) -> None:
+        self.ckpt.close()
+        if self.sim.store is not None:
+            self.sim.store.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def finish(self, *, interrupted: bool) -> RunResult:
+        import jax
+
+        cfg = self.cfg
+        if not interrupted and self.primary:
+            plot_accuracy(self.log.rows, os.path.join(self.out_dir, "accuracy.png"),
+                          title=f"{cfg.algorithm} on {cfg.data.dataset}")
+        final = dict(self.last_eval)
+        if self.log.rows:
+            final.update({k: self.log.rows[-1].get(k) for k in ("train_loss", "cum_bytes_up", "cum_bytes_down")})
+        notes = list(self.ckpt.events) + ([self.budget_note] if self.budget_note and self.done >= self.limit else [])
+        if self.accountant is not None:
+            final["epsilon"] = self.accountant.epsilon_at(self.done)
+            final["delta"] = self.accountant.delta
+            final["epsilon_relation"] = self.accountant.relation
+        state = None
+        if jax.process_count() == 1:
+            state = jax.device_get(self.state)
+        return RunResult(self.out_dir, self.done, final, time.perf_counter() - self.t_start, self.first_dispatch or 0.0,
+                         resumed_from=self.resumed_from, interrupted=interrupted, notes=notes, state=state,
+                         rows=list(self.log.rows))
+
+
+def resolve_run(cfg: Config, previous: Config | None) -> Config:
+    """Settings fixed when a run starts (the SVD horizon, calibrated noise, delta) stay the run's."""
+    if cfg.compression.schedule_rounds is None:
+        horizon = previous.compression.schedule_rounds if previous is not None else None
+        cfg = dataclasses.replace(cfg, compression=dataclasses.replace(
+            cfg.compression, schedule_rounds=horizon or cfg.run.rounds))
+    p = cfg.privacy
+    if previous is not None:
+        if p.target_epsilon is not None and p.noise_multiplier is None:
+            p = dataclasses.replace(p, noise_multiplier=previous.privacy.noise_multiplier)
+        if p.delta is None:
+            p = dataclasses.replace(p, delta=previous.privacy.delta)
+        cfg = dataclasses.replace(cfg, privacy=p)
+    return cfg
+
+
+def privacy_setup(cfg: Config, num_clients: int):
+    """Resolve DP settings that need the population (delta, calibrated noise); the accountant."""
+    from fedkd_jax.builders import privacy_delta
+    from fedkd_jax.config import dp_enabled
+    from fedkd_jax.privacy import Accountant, Mechanism, calibrate
+
+    if not dp_enabled(cfg):
+        return cfg, None
+    p = cfg.privacy
+    delta = privacy_delta(cfg, num_clients)
+    z = p.noise_multiplier
+    if z is None:
+        z = calibrate(p.target_epsilon, delta, rounds=cfg.run.rounds, cohort_size=cfg.run.cohort_size,
+                      num_clients=num_clients, sampling=p.sampling, accountant=p.accountant)
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=float(z), delta=float(delta)))
+    return cfg, Accountant(Mechanism(float(z), num_clients, cfg.run.cohort_size, p.sampling), delta, kind=p.accountant)

@@ -1,0 +1,141 @@
+"""Batched sweeps: each run equals its single run, one program per shape, tables, errors, resume."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import fedkd_jax as fk
+from fedkd_jax.config import load_config
+from fedkd_jax.errors import ConfigError
+from fedkd_jax.runner import read_jsonl, run_experiment
+from fedkd_jax.sweeps import run_sweep
+
+SMALL = {"data": {"num_clients": 12}, "model": {"hidden": [16]}, "distill": {"teacher_hidden": [24]},
+         "run": {"rounds": 4, "eval_every": 2, "checkpoint_every": 2, "cohort_size": 4, "progress": False,
+                 "client_store": "host"}}
+METRICS = ("train_loss", "test_accuracy", "test_loss", "teacher_acc_mean", "bytes_up", "bytes_down")
+
+
+def _base(algorithm, **extra):
+    cfg = {k: dict(v) for k, v in SMALL.items()}
+    cfg["algorithm"] = algorithm
+    for k, v in extra.items():
+        section, name = k.split(".")
+        cfg.setdefault(section, {})[name] = v
+    return cfg
+
+
+@pytest.mark.parametrize("algorithm, key, values", [
+    ("fedavg", "client.lr", [0.05, 0.2]),
+    ("fedprox", "fedprox.mu", [0.0, 1.0]),
+    ("fedkd", "distill.temperature", [1.0, 3.0]),
+])
+def test_each_batched_run_equals_its_single_run(tmp_path, algorithm, key, values):
+    extra = {"client.straggler_fraction": 0.5} if algorithm == "fedprox" else {}
+    base = _base(algorithm, **extra)
+    res = run_sweep(base, {key: values}, [0, 1], str(tmp_path / "sweep"), progress=False)
+    assert len(res.runs) == 4 and res.groups == 1
+    for run in res.runs:  # every run against the same settings run on its own
+        section, name = key.split(".")
+        cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+        cfg.setdefault(section, {})[name] = run[key]
+        cfg["run"] = dict(cfg["run"], seed=run["seed"])
+        single = run_experiment(load_config_dict(cfg), str(tmp_path / f"single-{run['run']}"))
+        swept = run["result"].rows
+        assert [r["round"] for r in swept] == [r["round"] for r in single.rows] == [1, 2, 3, 4]
+        for a, b in zip(swept, single.rows):
+            for m in METRICS:
+                if a.get(m) is not None or b.get(m) is not None:
+                    np.testing.assert_allclose(a[m], b[m], rtol=1e-5, atol=1e-5, err_msg=f"{run['run']} {m}")
+
+
+def load_config_dict(d):
+    from fedkd_jax.sweeps import as_config
+
+    return as_config(d)
+
+
+def test_shape_changing_keys_compile_one_program_per_shape_and_the_table_is_labelled(tmp_path):
+    import logging
+
+    import jax
+
+    compiled = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if "Finished XLA compilation of jit(_rounds)" in msg:
+                compiled.append(msg)
+
+    handler = Count()
+    logging.getLogger("jax._src.dispatch").addHandler(handler)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        res = run_sweep(_base("fedavg"), ["client.lr=0.05,0.1", "model.hidden=[8],[16]"], 2, str(tmp_path / "s"),
+                        progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logging.getLogger("jax._src.dispatch").removeHandler(handler)
+    assert res.groups == 2  # two model widths: two static configurations
+    assert len(compiled) == 2  # one compiled round program each, shared by its 4 runs and all dispatches
+    rows = res.rows
+    assert len(rows) == 2 * 2 * 2 * 4  # runs x rounds
+    labels = {(r["client.lr"], str(r["model.hidden"]), r["seed"]) for r in rows}
+    assert len(labels) == 8
+    for (lr, hidden, seed) in labels:
+        mine = [r["round"] for r in rows if (r["client.lr"], str(r["model.hidden"]), r["seed"]) == (lr, hidden, seed)]
+        assert mine == [1, 2, 3, 4]
+    assert len(res.summary) == 4 and all(s["seeds"] == 2 for s in res.summary)
+    for f in ("sweep.csv", "sweep.parquet", "summary.csv", "report.md", "accuracy_vs_round.png",
+              "final_vs_client_lr.png", "final_vs_model_hidden.png"):
+        assert (tmp_path / "s" / f).exists(), f
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(str(tmp_path / "s" / "sweep.parquet")).num_rows == len(rows)
+    df = res.to_pandas()
+    assert df.groupby(["client.lr", "seed"]).size().min() == 8
+
+
+@pytest.mark.parametrize("grid, field, words", [
+    (["nosuch.key=1,2"], "--grid nosuch.key", "unknown key"),
+    (["client.lr="], "--grid client.lr", "at least one value"),
+    (["client.lr=fast,slow"], "--grid client.lr", "not valid"),
+    (["run.rounds=5,10"], "--grid run.rounds", "cannot be swept"),
+    (["privacy.target_epsilon=1,2"], "--grid privacy.target_epsilon", "cannot be swept"),
+    (["client.lr"], "--grid", "section.key=v1,v2"),
+    (["client.lr=-1,0.1"], "client.lr", "positive"),
+])
+def test_bad_grids_fail_before_compiling(tmp_path, grid, field, words):
+    with pytest.raises(ConfigError) as e:
+        run_sweep(_base("fedavg"), grid, 1, str(tmp_path / "bad"), progress=False)
+    assert e.value.field == field and words in str(e.value), str(e.value)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_interrupted_sweep_resumes_to_the_same_table(tmp_path):
+    grid = {"client.lr": [0.05, 0.1]}
+    ref = run_sweep(_base("fedkd"), grid, 1, str(tmp_path / "ref"), progress=False)
+    out = tmp_path / "cut"
+    run_sweep(_base("fedkd"), grid, 1, str(out), progress=False)
+    # as if killed after round 2: one run lost its last checkpoint, the other kept it
+    runs = sorted(os.listdir(out / "runs"))
+    shutil.rmtree(out / "runs" / runs[0] / "checkpoints" / "4")
+    again = run_sweep(_base("fedkd"), grid, 1, str(out), progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("round_time", "wall_time")} for r in rows]  # noqa: E731
+    assert strip(again.rows) == strip(ref.rows)
+    with pytest.raises(ConfigError):  # another grid into the same directory is refused
+        run_sweep(_base("fedkd"), {"client.lr": [0.3]}, 1, str(out), progress=False)
+
+
+def test_python_api_runs_and_sweeps(tmp_path):
+    res = fk.run(_base("fedavg"), str(tmp_path / "one"))
+    assert res.rounds == 4 and len(res.to_pandas()) == 4 and res.final["test_accuracy"] > 0.1
+    assert int(res.state.round) == 4
+    with pytest.raises(ConfigError) as e:
+        fk.run({"run": {"rounds": 0}}, str(tmp_path / "bad"))
+    assert e.value.field == "run.rounds"
+    rows = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
