@@ -34,11 +34,9 @@ def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, re
              runs_dir: str | None = None, extract: Callable[[list[dict]], dict] | None = None) -> list[dict]:
     """Run every ``(labels, overrides)`` cell; return one row of labels + final metrics per run
     (plus ``extract(metrics_rows)`` when given, e.g. rounds to a target accuracy)."""
-    import fedkd_jax
-
-    fedkd_jax.configure_cpu_devices()  # one CPU device per core, before JAX starts
+    import fedkd_jax as fk
     from fedkd_jax.config import load_config
-    from fedkd_jax.runner import read_jsonl, run_experiment
+    from fedkd_jax.runner import read_jsonl
 
     out_root = runs_dir or os.path.join(ROOT, "runs", "experiments", name)
     rows = []
@@ -50,7 +48,7 @@ def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, re
             shutil.rmtree(out)
         cfg = load_config(None, list(overrides) + ["run.progress=false", "run.keep_checkpoints=1", "run.checkpoint_every=100000"])
         print(f"[{name} {i + 1}/{len(cells)}] {cell}", flush=True)
-        res = run_experiment(cfg, out, progress=False)
+        res = fk.run(cfg, out)  # the Python API: same validation, outputs and resume as `fedkd run`
         hist = read_jsonl(os.path.join(out, "metrics.jsonl"))
         last = hist[-1]
         row = dict(labels)

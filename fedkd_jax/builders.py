@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 from fedkd_jax import algorithms as alg_lib
 from fedkd_jax.compression import Compressor, make_compressor
 from fedkd_jax.config import Config, compression_method, downlink_method
@@ -57,32 +59,66 @@ def build_model(cfg: Config, data: FederatedData, *, teacher: bool = False) -> M
     )
 
 
-def build_algorithm(cfg: Config, model: Model, data: FederatedData) -> alg_lib.FederatedAlgorithm:
+def _common(cfg: Config):
     c, s, k = cfg.client, cfg.server, cfg.distill
     client_opt = alg_lib.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum)
     server_opt = alg_lib.server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, tau=s.tau)
     local = dict(batch_size=c.batch_size, local_epochs=c.local_epochs, local_steps=c.local_steps)
     distill = dict(distill_steps=k.server_steps, distill_lr=k.server_lr, distill_batch_size=k.server_batch_size)
-    name = cfg.algorithm
-    if name == "fedavg":
-        return alg_lib.fedavg(model, client_opt, server_opt, **local)
-    if name == "fedprox":
-        return alg_lib.fedprox(model, client_opt, server_opt, mu=cfg.fedprox.mu, **local)
-    if name == "fedkd":
-        teacher = build_model(cfg, data, teacher=True)
-        teacher_opt = alg_lib.client_optimizer(k.teacher_optimizer, lr=k.teacher_lr, momentum=c.momentum)
-        return alg_lib.fedkd(model, teacher, client_opt, teacher_opt, server_opt, temperature=k.temperature, **local)
-    if name == "server_teacher_kd":
-        teacher = build_model(cfg, data, teacher=True)
-        return alg_lib.server_teacher_kd(model, teacher, client_opt, server_opt, data.proxy_x,
-                                         alpha=k.alpha, temperature=k.temperature, warmup=k.teacher_warmup,
-                                         warmup_rounds=k.warmup_rounds, warmup_steps=k.warmup_steps,
-                                         proxy_y=data.proxy_y, **local, **distill)
-    if name == "feddf":
-        return alg_lib.feddf(model, client_opt, server_opt, data.proxy_x, proxy_y=data.proxy_y,
-                             temperature=k.temperature, schedule=k.server_schedule, val_fraction=k.val_fraction,
-                             val_every=k.val_every, patience=k.patience, **local, **distill)
-    raise ConfigError("algorithm", f"unknown algorithm {name!r}; allowed: {', '.join(alg_lib.ALGORITHMS)}")
+    return client_opt, server_opt, local, distill
+
+
+def _fedavg(cfg, model, data):
+    client_opt, server_opt, local, _ = _common(cfg)
+    return alg_lib.fedavg(model, client_opt, server_opt, **local)
+
+
+def _fedprox(cfg, model, data):
+    client_opt, server_opt, local, _ = _common(cfg)
+    return alg_lib.fedprox(model, client_opt, server_opt, mu=cfg.fedprox.mu, **local)
+
+
+def _fedkd(cfg, model, data):
+    client_opt, server_opt, local, _ = _common(cfg)
+    k = cfg.distill
+    teacher = build_model(cfg, data, teacher=True)
+    teacher_opt = alg_lib.client_optimizer(k.teacher_optimizer, lr=k.teacher_lr, momentum=cfg.client.momentum)
+    return alg_lib.fedkd(model, teacher, client_opt, teacher_opt, server_opt, temperature=k.temperature, **local)
+
+
+def _server_teacher_kd(cfg, model, data):
+    client_opt, server_opt, local, distill = _common(cfg)
+    k = cfg.distill
+    teacher = build_model(cfg, data, teacher=True)
+    return alg_lib.server_teacher_kd(model, teacher, client_opt, server_opt, data.proxy_x,
+                                     alpha=k.alpha, temperature=k.temperature, warmup=k.teacher_warmup,
+                                     warmup_rounds=k.warmup_rounds, warmup_steps=k.warmup_steps,
+                                     proxy_y=data.proxy_y, **local, **distill)
+
+
+def _feddf(cfg, model, data):
+    client_opt, server_opt, local, distill = _common(cfg)
+    k = cfg.distill
+    return alg_lib.feddf(model, client_opt, server_opt, data.proxy_x, proxy_y=data.proxy_y,
+                         temperature=k.temperature, schedule=k.server_schedule, val_fraction=k.val_fraction,
+                         val_every=k.val_every, patience=k.patience, **local, **distill)
+
+
+# The algorithm registry: a new algorithm is its own module plus one line here.
+ALGORITHM_BUILDERS: dict[str, Callable[[Config, Model, FederatedData], alg_lib.FederatedAlgorithm]] = {
+    "fedavg": _fedavg,
+    "fedprox": _fedprox,
+    "fedkd": _fedkd,
+    "server_teacher_kd": _server_teacher_kd,
+    "feddf": _feddf,
+}
+
+
+def build_algorithm(cfg: Config, model: Model, data: FederatedData) -> alg_lib.FederatedAlgorithm:
+    """The configured algorithm, from :data:`ALGORITHM_BUILDERS`."""
+    if cfg.algorithm not in ALGORITHM_BUILDERS:
+        raise ConfigError("algorithm", f"unknown algorithm {cfg.algorithm!r}; allowed: {', '.join(ALGORITHM_BUILDERS)}")
+    return ALGORITHM_BUILDERS[cfg.algorithm](cfg, model, data)
 
 
 def build_compressor(cfg: Config, *, downlink: bool = False) -> Compressor | None:
@@ -183,3 +219,28 @@ def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
         steps.append(secure_aggregation(bits=a.bits, frac_bits=frac, num_clients=data.num_clients,
                                         dropout_rate=a.dropout_rate))
     return chain(*steps)
+
+
+class Resolved(NamedTuple):
+    """Everything a run needs, from one configuration (see :func:`resolve`)."""
+
+    config: Config  # with the values resolved against the data (delta, calibrated noise)
+    data: FederatedData
+    model: Model
+    algorithm: alg_lib.FederatedAlgorithm
+    simulator: Any
+    accountant: Any  # a privacy accountant, or None without DP
+
+
+def resolve(cfg: Config, *, out_dir: str) -> Resolved:
+    """Config -> data, model, algorithm (with its hyperparameters), mesh and simulator, accountant.
+
+    The one place that maps names to parts (through the registries above).
+    """
+    from fedkd_jax.runner.context import privacy_setup
+
+    data = build_data(cfg)
+    cfg, accountant = privacy_setup(cfg, data.num_clients)
+    model = build_model(cfg, data)
+    algorithm = build_algorithm(cfg, model, data)
+    return Resolved(cfg, data, model, algorithm, build_simulator(cfg, data, algorithm, out_dir=out_dir), accountant)

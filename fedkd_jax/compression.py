@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from fedkd_jax.errors import ConfigError, concrete
 
 COMPRESSIONS = ("none", "svd", "topk", "quant8")
-__all__ = ["COMPRESSIONS", "Compressor", "energy_threshold", "make_compressor", "quant8", "svd", "svd_leaf", "topk"]
+__all__ = ["COMPRESSIONS", "COMPRESSORS", "Compressor", "energy_threshold", "make_compressor", "quant8", "svd", "svd_leaf", "topk"]
 
 
 class Compressor(NamedTuple):
@@ -141,16 +141,21 @@ def quant8() -> Compressor:
     return Compressor("quant8", compress)
 
 
+# The compressor registry: name -> factory(rounds, energy_start, energy_end, topk_fraction).
+COMPRESSORS: dict[str, Callable[..., Compressor | None]] = {
+    "none": lambda **kw: None,
+    "svd": lambda *, rounds, energy_start, energy_end, **kw: svd(rounds, energy_start=energy_start,
+                                                                 energy_end=energy_end),
+    "topk": lambda *, topk_fraction, **kw: topk(topk_fraction),
+    "quant8": lambda **kw: quant8(),
+}
+
+
 def make_compressor(
     name: str, *, rounds: int, energy_start: float = 0.95, energy_end: float = 0.98, topk_fraction: float = 0.1
 ) -> Compressor | None:
-    """A compressor by name, or ``None`` for ``"none"``."""
-    if name == "none":
-        return None
-    if name == "svd":
-        return svd(rounds, energy_start=energy_start, energy_end=energy_end)
-    if name == "topk":
-        return topk(topk_fraction)
-    if name == "quant8":
-        return quant8()
-    raise ConfigError("compression.method", f"unknown compression {name!r}; allowed: {', '.join(COMPRESSIONS)}")
+    """A compressor by name (:data:`COMPRESSORS`), or ``None`` for ``"none"``."""
+    if name not in COMPRESSORS:
+        raise ConfigError("compression.method", f"unknown compression {name!r}; allowed: {', '.join(COMPRESSIONS)}")
+    return COMPRESSORS[name](rounds=rounds, energy_start=energy_start, energy_end=energy_end,
+                             topk_fraction=topk_fraction)

@@ -5,7 +5,9 @@
     python3 scripts/dev.py test [pytest options...]     # test suite
 
 Needs only Python 3.11+. Creates (or reuses) ./.venv and installs the package
-with its test extras; reinstalls when pyproject.toml changes.
+with its test extras at the versions pinned in constraints.txt (and the
+optional homomorphic-encryption extra when it installs); reinstalls when
+pyproject.toml or constraints.txt changes.
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ PY = os.path.join(BIN, "python")
 STAMP = os.path.join(VENV, ".fedkd-install-stamp")
 
 
+CONSTRAINTS = os.path.join(ROOT, "constraints.txt")
+
+
 def _stamp() -> str:
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    h = hashlib.sha256()
+    for name in ("pyproject.toml", "constraints.txt"):
+        with open(os.path.join(ROOT, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def ensure_env() -> None:
@@ -38,7 +46,12 @@ def ensure_env() -> None:
     if current != _stamp():
         print("[setup] installing fedkd_jax and its dependencies (first run takes a few minutes)", flush=True)
         subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], cwd=ROOT)
-        subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test]"], cwd=ROOT)
+        pin = ["-c", CONSTRAINTS]
+        try:  # the optional 'he' extra (TenSEAL) must never block the two commands
+            subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test,he]", *pin], cwd=ROOT)
+        except subprocess.CalledProcessError:
+            print("[setup] the optional 'he' extra did not install; continuing without it", flush=True)
+            subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test]", *pin], cwd=ROOT)
         with open(STAMP, "w") as f:
             f.write(_stamp())
 

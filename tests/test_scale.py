@@ -139,7 +139,7 @@ def test_kill_9_with_disk_store_then_resume_matches(tmp_path):
     import signal
     import time
 
-    args = [f"--set={s}" for s in SMALL_KD + ["run.client_store=disk", "run.rounds=24"]]
+    args = [f"--set={s}" for s in SMALL_KD + ["run.client_store=disk", "run.rounds=12"]]
     env = dict(os.environ, FEDKD_CPU_DEVICES="2")
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, "-m", "fedkd_jax.cli", "run", "--out", str(ref), *args], env=env, check=True,

@@ -35,8 +35,8 @@ def _base(algorithm, **extra):
 def test_each_batched_run_equals_its_single_run(tmp_path, algorithm, key, values):
     extra = {"client.straggler_fraction": 0.5} if algorithm == "fedprox" else {}
     base = _base(algorithm, **extra)
-    res = run_sweep(base, {key: values}, [0, 1], str(tmp_path / "sweep"), progress=False)
-    assert len(res.runs) == 4 and res.groups == 1
+    res = run_sweep(base, {key: values}, [1], str(tmp_path / "sweep"), progress=False)
+    assert len(res.runs) == 2 and res.groups == 1
     for run in res.runs:  # every run against the same settings run on its own
         section, name = key.split(".")
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}

@@ -58,21 +58,25 @@ def server_optimizer(
     Settings left ``None`` take the optimizer's :data:`SERVER_DEFAULTS`.
     """
     h: dict[str, Any] = server_settings(name, lr=lr, momentum=momentum, b1=b1, b2=b2, tau=tau)
-    if name == "fedavg":
-        return optax.sgd(h["lr"])
-    if name == "fedavgm":
-        return optax.sgd(h["lr"], momentum=h["momentum"])
-    if name == "fedadam":
-        return optax.adam(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["tau"])
-    return optax.yogi(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["tau"])
+    return SERVER_FACTORIES[name](h)
 
 
 def client_optimizer(name: str, *, lr: float, momentum: float = 0.9) -> optax.GradientTransformation:
     """The local optimizer each client runs (fresh state every round)."""
-    if name == "sgd":
-        return optax.sgd(lr)
-    if name == "momentum":
-        return optax.sgd(lr, momentum=momentum)
-    if name == "adam":
-        return optax.adam(lr)
-    raise ConfigError("client.optimizer", f"unknown client optimizer {name!r}; allowed: {', '.join(CLIENT_OPTIMIZERS)}")
+    if name not in CLIENT_FACTORIES:
+        raise ConfigError("client.optimizer", f"unknown client optimizer {name!r}; allowed: {', '.join(CLIENT_OPTIMIZERS)}")
+    return CLIENT_FACTORIES[name](lr, momentum)
+
+
+# Registries: a new optimizer is one line here (and its defaults in SERVER_DEFAULTS).
+SERVER_FACTORIES = {
+    "fedavg": lambda h: optax.sgd(h["lr"]),
+    "fedavgm": lambda h: optax.sgd(h["lr"], momentum=h["momentum"]),
+    "fedadam": lambda h: optax.adam(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["tau"]),
+    "fedyogi": lambda h: optax.yogi(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["tau"]),
+}
+CLIENT_FACTORIES = {
+    "sgd": lambda lr, momentum: optax.sgd(lr),
+    "momentum": lambda lr, momentum: optax.sgd(lr, momentum=momentum),
+    "adam": lambda lr, momentum: optax.adam(lr),
+}

@@ -25,13 +25,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedkd_jax import distributed
-from fedkd_jax.builders import build_algorithm, build_data, build_model, build_simulator
+from fedkd_jax.builders import resolve
 from fedkd_jax.config import Config, resolve_defaults, validate
 from fedkd_jax.engine import fetch
 from fedkd_jax.engine.cohort import key_bits
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.paths import check_writable_dir
-from fedkd_jax.runner.context import RunContext, RunResult, privacy_setup, resolve_run
+from fedkd_jax.runner.context import RunContext, RunResult, resolve_run
 from fedkd_jax.runner.prefetch import Prefetcher
 from fedkd_jax.runner.resume import check_compatible, saved_config
 
@@ -88,12 +88,9 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     is touched.
     """
     cfg, previous = prepare(cfg, out_dir)
-    data = build_data(cfg)
-    cfg, accountant = privacy_setup(cfg, data.num_clients)
-    model = build_model(cfg, data)
-    algorithm = build_algorithm(cfg, model, data)
-    sim = build_simulator(cfg, data, algorithm, out_dir=out_dir)
-    ctx = RunContext(cfg, out_dir, sim, accountant, resuming=previous is not None)
+    parts = resolve(cfg, out_dir=out_dir)
+    cfg, sim = parts.config, parts.simulator
+    ctx = RunContext(cfg, out_dir, sim, parts.accountant, resuming=previous is not None)
     r = cfg.run
     show = r.progress if progress is None else progress
     bar = tqdm(total=ctx.limit, initial=min(ctx.done, ctx.limit), unit="round", disable=not (show and ctx.primary),
