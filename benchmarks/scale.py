@@ -13,6 +13,10 @@ last (also saved to benchmarks/results/scale.json).
   stores (and the device store at 10^3 as the reference): seconds per round,
   peak RSS, bytes on disk, checkpoint seconds.
 * 1 process x 2 devices against 2 processes x 1 device on loopback (W1, N = 10^4).
+* Replicas: bytes held on each device by W1 at N = 10^4 on 2 devices with the
+  index-based population against the same population copied per client (the
+  old ``[N, M, D]`` layout), and by FedKD at N = 10^3 with the replicated
+  device store against the host store (measured from ``jax.live_arrays()``).
 
     python benchmarks/scale.py [--quick] [--rounds 20]
 """
@@ -38,6 +42,17 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def device_bytes() -> dict[int, int]:
+    """Bytes of live jax arrays held on each device (shards counted where they live)."""
+    import jax
+
+    out: dict[int, int] = {}
+    for a in jax.live_arrays():
+        for sh in a.addressable_shards:
+            out[sh.device.id] = out.get(sh.device.id, 0) + sh.data.nbytes
+    return out
+
+
 def child(args) -> dict:
     import fedkd_jax as fk
 
@@ -57,6 +72,8 @@ def child(args) -> dict:
     if args.kind == "w1":
         ds = fk.data.load_mnist5k()
         fd = fk.federate(ds, partition="iid", num_clients=args.n, seed=0, examples_per_client=40, test_fraction=0.0)
+        if args.copied:
+            fd = fd.copied()  # every client's rows copied into the pool: the old per-client layout
         model = fk.make_model("mlp", num_features=784, num_classes=10, hidden=(200, 200))
         alg = fk.fedavg(model, optax.sgd(0.05), optax.sgd(1.0), batch_size=10)
         cohort, per = 100, 5
@@ -91,7 +108,9 @@ def child(args) -> dict:
         written, done = plan.union, done + per
     per_round = (time.perf_counter() - t) / rounds
     pre.close()
-    out = {"kind": args.kind, "n": args.n, "store": args.store if sim.stateful else None,
+    per_device = device_bytes()
+    out = {"kind": args.kind, "n": args.n, "store": args.store if sim.stateful else None, "copied": args.copied,
+           "device_mb_max": max(per_device.values()) / 2**20, "device_mb_total": sum(per_device.values()) / 2**20,
            "processes": jax.process_count(), "devices": jax.device_count(), "s_per_round": per_round,
            "first_dispatch_s": first, "setup_s": setup}
     if sim.stateful:
@@ -110,9 +129,10 @@ def child(args) -> dict:
     return out
 
 
-def run_child(kind: str, n: int, store: str, rounds: int, *, processes: int = 1, devices: int | None = None) -> dict:
+def run_child(kind: str, n: int, store: str, rounds: int, *, processes: int = 1, devices: int | None = None,
+              copied: bool = False) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--child", kind, "--n", str(n), "--store", store,
-            "--rounds", str(rounds)]
+            "--rounds", str(rounds)] + (["--copied"] if copied else [])
     env = dict(os.environ)
     if devices:
         env["FEDKD_CPU_DEVICES"] = str(devices)
@@ -135,6 +155,7 @@ def main() -> None:
     ap.add_argument("--child", choices=("w1", "fedkd"))
     ap.add_argument("--n", type=int)
     ap.add_argument("--store", default="host")
+    ap.add_argument("--copied", action="store_true", help="child: copy every client's rows (the old layout)")
     args = ap.parse_args()
     if args.child:
         args.kind = args.child
@@ -147,7 +168,7 @@ def main() -> None:
 
     w1_ns = W1_N[:2] if args.quick else W1_N
     kd_ns = KD_N[:1] if args.quick else KD_N
-    results = {"w1": [], "fedkd": [], "processes": []}
+    results = {"w1": [], "fedkd": [], "processes": [], "replicas": []}
     for n in w1_ns:
         r = run_child("w1", n, "host", args.rounds)
         results["w1"].append(r)
@@ -164,6 +185,17 @@ def main() -> None:
         r = run_child("w1", 10_000, "host", args.rounds, processes=procs, devices=devs)
         results["processes"].append(r)
         print(json.dumps(r), flush=True)
+    for copied in (False, True):
+        r = run_child("w1", 10_000, "host", args.rounds, devices=2, copied=copied)
+        results["replicas"].append(r)
+        print(json.dumps(r), flush=True)
+    rep = [r for r in results["replicas"] if "error" not in r]
+    if len(rep) == 2:
+        results["w1_copied_vs_indexed_device_bytes"] = rep[1]["device_mb_total"] / rep[0]["device_mb_total"]
+    dev_host = [next((r for r in results["fedkd"] if r.get("n") == kd_ns[0] and r.get("store") == s
+                      and "error" not in r), None) for s in ("device", "host")]
+    if all(dev_host):
+        results["fedkd_device_vs_host_store_device_bytes"] = dev_host[0]["device_mb_total"] / dev_host[1]["device_mb_total"]
 
     ok = [r for r in results["w1"] if "error" not in r]
     base = ok[0] if ok else None

@@ -156,3 +156,21 @@ def test_npz_loader_roundtrip(tmp_path):
     assert ds.x.shape == (40, 9) and ds.image_shape == (3, 3, 1) and ds.num_classes == 4
     fd = fk.federate(ds, partition="natural", num_clients=5, seed=0)
     assert fd.num_clients == 5 and (fd.counts + fd.test_counts == 8).all()
+
+
+def test_no_local_test_splits_evaluate_as_missing_not_zero(digits):
+    """``data.test_fraction=0``: the local test tables are empty (no crash), and the
+    client accuracies are NaN (missing), never a silent 0."""
+    import jax.numpy as jnp
+
+    fd = fk.federate(digits, partition="iid", num_clients=30, seed=0, test_fraction=0.0)
+    table = fd.row_table(np.arange(30), test=True)
+    assert table.shape[0] == 30 and not table.any() and not fd.test_counts.any()
+    model = fk.make_model("mlp", num_features=64, num_classes=10, hidden=(8,))
+    import optax
+
+    sim = fk.Simulator(fk.fedavg(model, optax.sgd(0.05), optax.sgd(1.0), batch_size=10), fd, cohort_size=5)
+    out = fk.engine.make_evaluator(model.apply)(model.init(__import__("jax").random.key(0)), sim.eval_data())
+    assert np.isfinite(float(out["test_accuracy"]))
+    assert np.isnan(np.asarray(out["client_accuracy"])).all()
+    assert jnp.size(out["client_accuracy"]) == 30

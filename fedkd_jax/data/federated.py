@@ -104,6 +104,8 @@ class FederatedData:
         pos = np.arange(width)
         idx = start[:, None] + pos[None, :]
         ok = pos[None, :] < count[:, None]
+        if len(rows) == 0:  # no client has rows of this split (e.g. data.test_fraction=0)
+            return np.zeros(idx.shape, np.int32)
         return np.where(ok, rows[np.where(ok, idx, 0)], 0).astype(np.int32)
 
     def copied(self) -> "FederatedData":

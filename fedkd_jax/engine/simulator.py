@@ -248,11 +248,15 @@ class Simulator:
 
     # ----------------------------------------------------------------- setup
     def init(self, seed: int | jax.Array) -> SimState:
-        """Initial state: server from ``(seed)``; clients start lazily from ``(seed, client)``."""
+        """Initial state: server from ``(seed)``; clients start lazily from ``(seed, client)``.
+
+        A concrete seed gives the state placed on the mesh as the round program returns
+        it, so the first and later dispatches share one compiled program."""
         base = jax.random.key(seed)
         server = self.algorithm.init(jax.random.fold_in(base, _SERVER_INIT))
         params = self.algorithm.model_params(server)
-        return SimState(jnp.zeros((), jnp.int32), server, base, self.aggregator.init(params))
+        state = SimState(jnp.zeros((), jnp.int32), server, base, self.aggregator.init(params))
+        return state if isinstance(seed, jax.core.Tracer) else self.put_state(state)
 
     def init_clients(self, key: jax.Array, ids: jax.Array) -> Any:
         """The initial states ``[len(ids), ...]`` of clients ``ids`` of the run keyed ``key``."""
