@@ -6,13 +6,16 @@
    epsilon). The noise multiplier for each epsilon is calibrated with
    dp-accounting; clip norm 1 (FedKD: the student's upload).
 2. Membership-inference AUC of each run's shared model (and, for FedKD, a
-   private teacher) against epsilon (``fedkd audit``'s attacks).
+   private teacher) against epsilon (``fedkd audit``'s attacks), and a
+   leakage study where there is something to leak: FedAvg on MNIST-5k, 50
+   clients of 80 rows, 10 per round, 20 local epochs, MLP 784-512-10, 100
+   rounds (the model overfits its members), at the same epsilons.
 3. Secure aggregation: seconds per round against cohort size and dropout
    rate, beside the same clipped round without it, and bytes per client.
 4. Homomorphic (CKKS) aggregation: seconds per round and bytes per client
    against plaintext, and the largest error of the decrypted sum.
 
-    python experiments/privacy.py [--seeds 0,1] [--quick]
+    python experiments/privacy.py [--seeds 0,1] [--quick] [--only dp,leakage,secagg,he]
 """
 
 from __future__ import annotations
@@ -29,6 +32,55 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HERE, ROOT, parse_args, run_grid, seeds_of  # noqa: E402
 
 EPSILONS = ("1", "2", "4", "8", "inf")
+PARTS = ("dp", "leakage", "secagg", "he")
+
+
+def leakage_cells(args, rounds):
+    for eps in EPSILONS:
+        for seed in seeds_of(args)[:1]:
+            extra = [] if eps == "inf" else [f"privacy.target_epsilon={eps}", "privacy.clip_norm=1.0",
+                                             "privacy.delta=1e-3"]
+            yield ({"epsilon": eps, "seed": seed}, [
+                "algorithm=fedavg", "data.dataset=mnist5k", "data.partition=iid", "data.num_clients=50",
+                "data.test_fraction=0.0", "client.local_epochs=20", "model.hidden=[512]", "run.cohort_size=10",
+                f"run.rounds={rounds}", f"run.eval_every={rounds}", f"run.seed={seed}", *extra])
+
+
+def audit_rows(rows, runs, keys, quick):
+    from fedkd_jax.privacy.audit import audit_run
+    from fedkd_jax.runner.resume import saved_config
+
+    for row in rows:
+        cell = "-".join(f"{k}={row[k]}" for k in keys)
+        row["noise_multiplier"] = saved_config(os.path.join(runs, cell)).privacy.noise_multiplier
+        rep = audit_run(os.path.join(runs, cell), shadows=2 if quick else 4, members=200 if quick else 500)
+        for name, r in rep.results.items():
+            key = "student" if name == "shared model" else "teacher"
+            row[f"{key}_loss_auc"] = r["loss_auc"]
+            row[f"{key}_calibrated_auc"] = r["calibrated_auc"]
+            row[f"{key}_calibrated_tpr_at_1pct_fpr"] = r["calibrated_tpr_at_1pct_fpr"]
+
+
+def write_csv(path, rows):
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            try:
+                r[k] = None if v == "" else float(v) if k not in ("algorithm", "epsilon") else v
+            except ValueError:
+                pass
+    return rows
 
 
 def dp_cells(args, clients, cohort, rounds):
@@ -46,6 +98,7 @@ def dp_cells(args, clients, cohort, rounds):
 
 def secagg_costs(quick: bool) -> list[dict]:
     import fedkd_jax as fk
+    import jax
     import optax
 
     from fedkd_jax.aggregation import chain, mean
@@ -65,10 +118,12 @@ def secagg_costs(quick: bool) -> list[dict]:
                                   bits=32, frac_bits=16, num_clients=fd.num_clients, dropout_rate=dropout)))):
                 sim = fk.Simulator(alg, fd, cohort_size=cohort, aggregator=agg)
                 pool = sim.put_data()
-                state, m = sim.run(sim.init(0), pool, 2)  # compile
+                state, m = sim.run(sim.init(0), pool, 20)  # compile (the round count is static)
+                jax.block_until_ready(state)
                 t = time.perf_counter()
-                state, m = sim.run(state, pool, 5)
-                row[f"{name}_s_per_round"] = (time.perf_counter() - t) / 5
+                state, m = sim.run(state, pool, 20)
+                jax.block_until_ready(state)
+                row[f"{name}_s_per_round"] = (time.perf_counter() - t) / 20
                 row[f"{name}_bytes_per_client"] = int(np.asarray(m["bytes_up_clients"]).max())
                 if name == "secagg":
                     row["dropped_per_round"] = float(np.mean(np.asarray(m["secagg_dropped"])))
@@ -109,36 +164,48 @@ def he_costs(quick: bool) -> list[dict]:
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--only", default=",".join(PARTS))
+    known, rest = pre.parse_known_args(argv)
+    parts = [p for p in known.only.split(",") if p]
+    if bad := [p for p in parts if p not in PARTS]:
+        sys.exit(f"privacy.py: error: --only: unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
+    args = parse_args(__doc__, rest)
     out = args.results or os.path.join(HERE, "results", "privacy")
     runs = args.runs or os.path.join(ROOT, "runs", "experiments", "privacy")
     os.makedirs(out, exist_ok=True)
     clients, cohort, rounds = (2000, 20, 5) if args.quick else (10_000, 100, 100)
-    from fedkd_jax.privacy.audit import audit_run
 
     def extract(hist):
         return {"epsilon_reached": hist[-1].get("epsilon"), "rounds_run": hist[-1]["round"]}
 
-    rows = run_grid("privacy", dp_cells(args, clients, cohort, rounds), results_dir=out, runs_dir=runs, extract=extract)
-    for row in rows:  # the audit of every run
-        cell = "-".join(f"{k}={row[k]}" for k in ("algorithm", "epsilon", "seed"))
-        rep = audit_run(os.path.join(runs, cell), shadows=2 if args.quick else 4, members=200 if args.quick else 500)
-        for name, r in rep.results.items():
-            key = "student" if name == "shared model" else "teacher"
-            row[f"{key}_loss_auc"] = r["loss_auc"]
-            row[f"{key}_calibrated_auc"] = r["calibrated_auc"]
-            row[f"{key}_calibrated_tpr_at_1pct_fpr"] = r["calibrated_tpr_at_1pct_fpr"]
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    sa = secagg_costs(args.quick)
-    hc = he_costs(args.quick)
-    with open(os.path.join(out, "costs.json"), "w") as f:
-        json.dump({"secagg": sa, "he": hc}, f, indent=2)
-    write_summary(out, rows, sa, hc, clients, cohort, rounds)
-    plot(out, rows)
+    if "dp" in parts:
+        rows = run_grid("privacy", dp_cells(args, clients, cohort, rounds), results_dir=out, runs_dir=runs,
+                        extract=extract)
+        audit_rows(rows, runs, ("algorithm", "epsilon", "seed"), args.quick)
+        write_csv(os.path.join(out, "results.csv"), rows)
+    if "leakage" in parts:
+        leak_runs = os.path.join(runs, "leakage")
+        import tempfile
+
+        leak = run_grid("privacy-leakage", leakage_cells(args, 5 if args.quick else 100),
+                        results_dir=tempfile.mkdtemp(prefix="fedkd-leakage-"), runs_dir=leak_runs, extract=extract)
+        audit_rows(leak, leak_runs, ("epsilon", "seed"), args.quick)
+        write_csv(os.path.join(out, "leakage.csv"), leak)
+    costs_path = os.path.join(out, "costs.json")
+    costs = json.load(open(costs_path)) if os.path.exists(costs_path) else {"secagg": [], "he": []}
+    if "secagg" in parts:
+        costs["secagg"] = secagg_costs(args.quick)
+    if "he" in parts:
+        costs["he"] = he_costs(args.quick)
+    with open(costs_path, "w") as f:
+        json.dump(costs, f, indent=2)
+    rows = read_csv(os.path.join(out, "results.csv"))
+    leak = read_csv(os.path.join(out, "leakage.csv"))
+    write_summary(out, rows, leak, costs["secagg"], costs["he"], clients, cohort, rounds)
+    plot(out, rows, leak)
 
 
 def _agg(rows, alg, eps, key):
@@ -150,7 +217,7 @@ def _f(m, d=3):
     return "–" if m[0] is None else f"{m[0]:.{d}f} ± {m[1]:.{d}f}"
 
 
-def write_summary(out, rows, sa, hc, clients, cohort, rounds):
+def write_summary(out, rows, leak, sa, hc, clients, cohort, rounds):
     lines = ["# Privacy experiments", "",
              f"{clients:,} clients (20 digits rows each), {cohort} per round (fixed-size sampling), {rounds} rounds, "
              "clip norm 1, delta 1e-5; epsilon is replace-one (RDP accountant); the noise multiplier is calibrated to "
@@ -163,6 +230,17 @@ def write_summary(out, rows, sa, hc, clients, cohort, rounds):
             la, ca = _agg(rows, alg, eps, "student_loss_auc"), _agg(rows, alg, eps, "student_calibrated_auc")
             ta = _agg(rows, alg, eps, "teacher_calibrated_auc")
             lines.append(f"| {alg} | {eps} | {_f(acc)} | {_f(la)} / {_f(ca)} | {_f(ta)} |")
+    lines += ["", "## Leakage where there is something to leak", "",
+              "FedAvg on MNIST-5k, 50 clients of 80 rows (iid, disjoint), 10 per round, 20 local epochs, MLP 784-512-10, "
+              "100 rounds, clip norm 1, delta 1e-3 (replace-one): the model overfits its members. 500 member rows "
+              "against 500 global test rows; calibrated = offline LiRA with 4 shadow models.", "",
+              "| epsilon | noise multiplier | test accuracy | loss-attack AUC | calibrated AUC | TPR at 1% FPR |",
+              "|---|---|---|---|---|---|"]
+    for r in leak:
+        z = r.get("noise_multiplier")
+        lines.append(f"| {r['epsilon']} | {'–' if z in (None, '') else f'{float(z):.2f}'} | "
+                     f"{float(r['student_accuracy']):.3f} | {float(r['student_loss_auc']):.3f} | "
+                     f"{float(r['student_calibrated_auc']):.3f} | {float(r['student_calibrated_tpr_at_1pct_fpr']):.3f} |")
     lines += ["", "## Secure aggregation cost", "", "FedAvg, digits MLP 64-64-10 (4,810 parameters), clip norm 1, "
               "32-bit ring, 16 fractional bits.", "",
               "| cohort | dropout | plain s/round | secagg s/round | overhead | bytes/client plain → secagg | dropped/round |",
@@ -187,7 +265,7 @@ def write_summary(out, rows, sa, hc, clients, cohort, rounds):
     print("\n".join(lines))
 
 
-def plot(out, rows):
+def plot(out, rows, leak):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +278,9 @@ def plot(out, rows):
         auc = [_agg(rows, alg, e, "student_calibrated_auc") for e in EPSILONS]
         a1.errorbar(xs, [m for m, _ in acc], yerr=[s for _, s in acc], marker="o", capsize=3, label=alg)
         a2.errorbar(xs, [m for m, _ in auc], yerr=[s for _, s in auc], marker="o", capsize=3, label=f"{alg} student")
+    if leak:
+        by = {str(r["epsilon"]): float(r["student_calibrated_auc"]) for r in leak}
+        a2.plot(xs, [by.get(e) for e in EPSILONS], marker="s", label="fedavg, overfit (MNIST-5k, 50 clients)")
     for ax, yl in ((a1, "test accuracy"), (a2, "membership-inference AUC (calibrated)")):
         ax.set_xticks(xs, EPSILONS)
         ax.set_xlabel("epsilon (delta 1e-5)")

@@ -132,6 +132,11 @@ def _init_program(init_client: Callable) -> Callable:
     return _INIT_PROGRAMS[init_client]
 
 
+@jax.jit
+def _first_round(metrics):
+    return jax.tree.map(lambda a: a[0], metrics)
+
+
 class Simulator:
     """Compiles and runs federated rounds of one algorithm on one population.
 
@@ -205,6 +210,7 @@ class Simulator:
                               f"{algorithm.name} does not simulate stragglers; use fedavg or fedprox, or 0")
         self.algorithm = algorithm
         self.data = data
+        self._last_round: tuple[jax.Array, int] | None = None  # (round array returned, its value)
         self.mesh = mesh if mesh is not None else client_mesh()
         if self.mesh.devices.size > 1 and jax.default_backend() == "cpu":
             limit_blas_threads()
@@ -528,18 +534,29 @@ class Simulator:
         return state, metrics
 
     def _args(self, plan: Plan, union):
-        ids, rows, counts, pos = (put_sharded(a, self._by_client) for a in (plan.ids, plan.rows, plan.counts, plan.pos))
+        host = (plan.ids, plan.rows, plan.counts, plan.pos)
+        if jax.process_count() == 1:  # one batched transfer
+            ids, rows, counts, pos = jax.device_put(host, self._by_client)
+        else:
+            ids, rows, counts, pos = (put_sharded(a, self._by_client) for a in host)
         return ids, rows, counts, pos, union, self._server_data
 
     def run(self, state: SimState, pool: PoolData, num_rounds: int):
         """``num_rounds`` rounds in one dispatch (``lax.scan``); metrics stacked ``[R]``."""
-        start = int(jax.device_get(state.round)) if not isinstance(state.round, int) else state.round
-        return self.execute(state, pool, self.plan(state.key, start, int(num_rounds)))
+        if isinstance(state.round, int):
+            start = state.round
+        elif self._last_round is not None and state.round is self._last_round[0]:
+            start = self._last_round[1]  # the state this simulator just returned: no device sync
+        else:
+            start = int(jax.device_get(state.round))
+        state, metrics = self.execute(state, pool, self.plan(state.key, start, int(num_rounds)))
+        self._last_round = (state.round, start + int(num_rounds))
+        return state, metrics
 
     def step(self, state: SimState, pool: PoolData) -> tuple[SimState, dict[str, jax.Array]]:
         """One round (compiled once, then reused)."""
         state, metrics = self.run(state, pool, 1)
-        return state, jax.tree.map(lambda a: a[0], metrics)
+        return state, _first_round(metrics)  # one dispatch, not one eager gather per metric
 
     def client_states(self, key: jax.Array, ids: np.ndarray | None = None) -> Any:
         """Current states ``[len(ids), ...]`` of clients ``ids`` (default all); untouched
