@@ -147,6 +147,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     devices: Optional[int] = None  # devices on the clients mesh (default: all; CPU: one per core)
     group_size: str = "auto"  # clients vmapped together per device: auto (1 on CPU, wider on GPU/TPU) or an integer
+    runs_per_device: str = "auto"  # sweeps: runs vmapped together per device: auto (1 on CPU, by memory on GPU/TPU) or an integer
     progress: bool = True
     client_store: str = "auto"  # per-client state: auto | device | host | disk
     memory_budget_gb: Optional[float] = None  # for client_store=auto (default: half the machine's memory)
@@ -183,17 +184,18 @@ def downlink_method(cfg: Config) -> str:
     return (compression_method(cfg) if cfg.algorithm == "fedkd" else "none") if m == "auto" else m
 
 
-def group_size_value(value: str | int) -> int | None:
-    """``run.group_size`` as an integer, or ``None`` for ``auto``."""
+def group_size_value(value: str | int, field: str = "run.group_size") -> int | None:
+    """``run.group_size`` (or another ``auto``-or-count setting named ``field``) as an
+    integer, or ``None`` for ``auto``."""
     text = str(value).strip().lower()
     if text == "auto":
         return None
     try:
         g = int(text)
     except ValueError:
-        raise ConfigError("run.group_size", f"must be 'auto' or a positive integer; got {value!r}") from None
+        raise ConfigError(field, f"must be 'auto' or a positive integer; got {value!r}") from None
     if g < 1:
-        raise ConfigError("run.group_size", f"must be 'auto' or a positive integer; got {value!r}")
+        raise ConfigError(field, f"must be 'auto' or a positive integer; got {value!r}")
     return g
 
 
@@ -441,6 +443,7 @@ def validate(cfg: Config) -> None:
     _positive("run.keep_checkpoints", r.keep_checkpoints, integer=True)
     _positive("run.devices", r.devices, integer=True, allow_none=True)
     group_size_value(r.group_size)
+    group_size_value(r.runs_per_device, "run.runs_per_device")
     _choice("run.client_store", r.client_store, STORES)
     _positive("run.memory_budget_gb", r.memory_budget_gb, allow_none=True)
     _positive("run.eval_clients", r.eval_clients, integer=True, allow_none=True)

@@ -27,21 +27,25 @@ def _base(algorithm, **extra):
     return cfg
 
 
-@pytest.mark.parametrize("algorithm, key, values", [
-    ("fedavg", "client.lr", [0.05, 0.2]),
-    ("fedprox", "fedprox.mu", [0.0, 1.0]),
-    ("fedkd", "distill.temperature", [1.0, 3.0]),
+@pytest.mark.parametrize("algorithm, key, values, per_device", [
+    ("fedavg", "client.lr", [0.05, 0.2], 1),
+    ("fedprox", "fedprox.mu", [0.0, 1.0], 1),
+    ("fedkd", "distill.temperature", [1.0, 3.0], 2),  # both runs vmapped on one position of the runs axis
 ])
-def test_each_batched_run_equals_its_single_run(tmp_path, algorithm, key, values):
+def test_each_batched_run_equals_its_single_run(tmp_path, algorithm, key, values, per_device):
     extra = {"client.straggler_fraction": 0.5} if algorithm == "fedprox" else {}
     base = _base(algorithm, **extra)
+    base["run"] = dict(base["run"], runs_per_device=per_device)
     res = run_sweep(base, {key: values}, [1], str(tmp_path / "sweep"), progress=False)
     assert len(res.runs) == 2 and res.groups == 1
+    from fedkd_jax.sweeps.engine import sweep_mesh
+
+    assert sweep_mesh(2, runs_per_device=per_device).shape["runs"] == 2 // per_device
     for run in res.runs:  # every run against the same settings run on its own
         section, name = key.split(".")
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
         cfg.setdefault(section, {})[name] = run[key]
-        cfg["run"] = dict(cfg["run"], seed=run["seed"])
+        cfg["run"] = dict(cfg["run"], seed=run["seed"], runs_per_device="auto")
         single = run_experiment(load_config_dict(cfg), str(tmp_path / f"single-{run['run']}"))
         swept = run["result"].rows
         assert [r["round"] for r in swept] == [r["round"] for r in single.rows] == [1, 2, 3, 4]

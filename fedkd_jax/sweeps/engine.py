@@ -39,12 +39,47 @@ from fedkd_jax.engine.mesh import CLIENTS
 RUNS = "runs"
 
 
-def sweep_mesh(num_runs: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(runs, clients)`` mesh: all devices on the runs axis when there are enough runs."""
+def sweep_mesh(num_runs: int, devices: Sequence[jax.Device] | None = None, runs_per_device: int = 1) -> Mesh:
+    """A ``(runs, clients)`` mesh: all devices on the runs axis when there are enough
+    runs (``runs_per_device`` runs batched on each position of the runs axis)."""
     devs = list(devices if devices is not None else jax.devices())
     d = len(devs)
-    r = d if num_runs >= d else max(k for k in range(1, d + 1) if d % k == 0 and k <= num_runs)
+    positions = math.ceil(num_runs / runs_per_device)
+    r = d if positions >= d else max(k for k in range(1, d + 1) if d % k == 0 and k <= positions)
     return Mesh(np.array(devs).reshape(r, d // r), (RUNS, CLIENTS))
+
+
+def auto_runs_per_device(num_runs: int, devices: int, per_run_bytes: int, budget_bytes: int | None) -> int:
+    """``run.runs_per_device=auto``: 1 on CPU (each core trains one run; batched tiny
+    matmuls are slower there), else as many of the group's runs as fit in half the
+    device's memory (``per_run_bytes`` estimated by the caller), so an accelerator
+    sees the runs as one wide program and the runs axis is chunked only when memory
+    requires it."""
+    if jax.default_backend() == "cpu":
+        return 1
+    want = max(1, math.ceil(num_runs / devices))
+    if budget_bytes:
+        want = min(want, max(1, int(0.5 * budget_bytes // max(per_run_bytes, 1))))
+    return want
+
+
+def per_run_bytes(sim: Simulator, state: Any) -> int:
+    """A rough device footprint of one run in a wave: its state, its dispatch's client
+    states and cohort rows, and the cohort's updates in flight (x4 for temporaries)."""
+    nbytes = lambda t: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(t))  # noqa: E731
+    state_b = nbytes(state.server)
+    union_b = sim.union_size(1) * nbytes(sim.client_template) if sim.stateful else 0
+    rows_b = sim.padded_cohort * sim.max_examples * int(np.prod(sim.data.x.shape[1:])) * 4
+    return 4 * (state_b + union_b + rows_b + sim.group_size * state_b)
+
+
+def device_memory_bytes() -> int | None:
+    """The first device's memory limit, where the backend reports one (GPU/TPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    return stats.get("bytes_limit")
 
 
 def _stack(trees: Sequence[Any]) -> Any:

@@ -46,6 +46,7 @@ UNSWEEPABLE = {
     "run.keep_checkpoints": "the runs share one loop and its checkpoints",
     "run.devices": "the runs share one mesh",
     "run.group_size": "the runs share one mesh",
+    "run.runs_per_device": "it sets how the runs themselves are batched",
     "run.progress": "the sweep has one progress bar",
     "run.client_store": "the runs share one store kind",
     "run.memory_budget_gb": "the runs share one memory budget",

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from fedkd_jax import distributed
 from fedkd_jax.builders import build_aggregator, build_algorithm, build_compressor, build_data, build_model
-from fedkd_jax.config import Config, from_dict, load_config, resolve_defaults, to_dict, validate
+from fedkd_jax.config import Config, from_dict, group_size_value, load_config, resolve_defaults, to_dict, validate
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.paths import check_writable_dir
 from fedkd_jax.runner.context import RunContext, privacy_setup
 from fedkd_jax.runner.loop import StopFlag, prepare
-from fedkd_jax.sweeps.engine import BatchedRuns, sweep_mesh
+from fedkd_jax.sweeps.engine import BatchedRuns, auto_runs_per_device, device_memory_bytes, per_run_bytes, sweep_mesh
 from fedkd_jax.sweeps.grid import RunSpec, expand, group, hparams, parse_grid, with_values
 from fedkd_jax.sweeps.report import SweepResult, write_outputs
 
@@ -112,7 +112,16 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
             for gr in groups:
                 if interrupted:
                     break
-                mesh = sweep_mesh(len(gr))
+                rpd = group_size_value(gr[0].config.run.runs_per_device, "run.runs_per_device")
+                if rpd is None:  # auto: by backend and memory, from the group's first run
+                    probe_cfg = gr[0].config
+                    probe_data = build_data(probe_cfg)
+                    probe_model = build_model(probe_cfg, probe_data)
+                    probe = build_simulator(probe_cfg, probe_data, build_algorithm(probe_cfg, probe_model, probe_data),
+                                            out_dir=by_index[gr[0].index][0]) if jax.default_backend() != "cpu" else None
+                    rpd = 1 if probe is None else auto_runs_per_device(
+                        len(gr), jax.device_count(), per_run_bytes(probe, probe.init(0)), device_memory_bytes())
+                mesh = sweep_mesh(len(gr), runs_per_device=rpd)
                 built = []
                 for spec in gr:
                     cfg = spec.config
@@ -138,7 +147,7 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
                 for c in ctxs:  # resume every run of the group at the same round
                     if c.done != common:
                         c.rewind(common, c.sim.put_state(c.sim.init(c.cfg.run.seed)))
-                waves_of = mesh.shape["runs"]
+                waves_of = mesh.shape["runs"] * rpd
                 programs: dict = {}
                 waves = []
                 for w in range(0, len(ctxs), waves_of):
