@@ -29,8 +29,9 @@ def _cin(state, key=0, weight=1.0, position=0, ids=None, round_key=None):
 
 
 # ------------------------------------------------------------------- clipping
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=30),
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same examples on every run
+# no subnormals: XLA:CPU flushes them to zero, so a "tiny payload passes untouched" check would fail on 1e-45
+@given(st.lists(st.floats(-1e4, 1e4, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=30),
        st.floats(1e-3, 1e3), st.integers(0, 3))
 def test_every_clipped_payload_has_norm_at_most_s(values, s, split):
     t = gaussian(1.0, s, expected_clients=10)

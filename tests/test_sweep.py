@@ -143,3 +143,28 @@ def test_python_api_runs_and_sweeps(tmp_path):
     assert e.value.field == "run.rounds"
     rows = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_auto_runs_per_device_is_one_on_cpu_and_fills_accelerator_memory(tmp_path, monkeypatch):
+    import jax
+
+    from fedkd_jax.sweeps import engine as E
+    from fedkd_jax.sweeps import loop as L
+    from fedkd_jax.sweeps.grid import expand
+
+    runs = expand(load_config_dict(_base("fedkd")), {"distill.temperature": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}, [0])
+    assert L._auto_runs_per_device(runs, str(tmp_path)) == 1  # CPU: one run per core
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the arithmetic an accelerator gets
+    from fedkd_jax.builders import build_algorithm, build_data, build_model, build_simulator
+
+    cfg = runs[0].config
+    data = build_data(cfg)
+    sim = build_simulator(cfg, data, build_algorithm(cfg, build_model(cfg, data), data), out_dir=str(tmp_path))
+    need = E.per_run_bytes(sim, sim.init(0))
+    assert need >= 4 * sum(a.nbytes for a in jax.tree.leaves(sim.init(0).server))
+    n_dev = jax.device_count()
+    spread = -(-6 // n_dev)  # all six runs in one wave
+    # no reported memory or plenty: one wave; half of 2x one run's footprint: one run per device
+    for budget, want in ((None, spread), (10**15, spread), (2 * need, 1)):
+        monkeypatch.setattr(L, "device_memory_bytes", lambda b=budget: b)
+        assert L._auto_runs_per_device(runs, str(tmp_path)) == want, budget

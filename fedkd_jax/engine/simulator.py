@@ -262,7 +262,7 @@ class Simulator:
         server = self.algorithm.init(jax.random.fold_in(base, _SERVER_INIT))
         params = self.algorithm.model_params(server)
         state = SimState(jnp.zeros((), jnp.int32), server, base, self.aggregator.init(params))
-        return state if isinstance(seed, jax.core.Tracer) else self.put_state(state)
+        return state if isinstance(state.round, jax.core.Tracer) else self.put_state(state)  # traced: as is
 
     def init_clients(self, key: jax.Array, ids: jax.Array) -> Any:
         """The initial states ``[len(ids), ...]`` of clients ``ids`` of the run keyed ``key``."""

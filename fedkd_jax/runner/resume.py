@@ -24,6 +24,7 @@ RESUMABLE_KEYS = {
     "run.keep_checkpoints",
     "run.devices",
     "run.group_size",
+    "run.runs_per_device",
     "run.client_store",
     "run.memory_budget_gb",
     "run.store_dir",

@@ -28,6 +28,7 @@ from fedkd_jax.errors import ConfigError
 from fedkd_jax.paths import check_writable_dir
 from fedkd_jax.runner.context import RunContext, privacy_setup
 from fedkd_jax.runner.loop import StopFlag, prepare
+from fedkd_jax.runner.resume import RESUMABLE_KEYS, flatten
 from fedkd_jax.sweeps.engine import BatchedRuns, auto_runs_per_device, device_memory_bytes, per_run_bytes, sweep_mesh
 from fedkd_jax.sweeps.grid import RunSpec, expand, group, hparams, parse_grid, with_values
 from fedkd_jax.sweeps.report import SweepResult, write_outputs
@@ -54,12 +55,36 @@ def _check_same_sweep(out_dir: str, record: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved != record:
-            diff = [k for k in record if saved.get(k) != record.get(k)]
+
+        def fixed(rec: dict) -> dict:  # settings that may change on resume (cadences, batching) do not count
+            base = {k: v for k, v in flatten(rec.get("base", {})).items() if k not in RESUMABLE_KEYS}
+            return dict(rec, base=base)
+
+        if fixed(saved) != fixed(record):
+            diff = [k for k in record if fixed(saved).get(k) != fixed(record).get(k)]
             raise ConfigError("--out", f"{out_dir!r} holds another sweep (different {', '.join(diff)}); "
                                        "choose another --out so its files are kept")
     elif os.path.exists(os.path.join(out_dir, "runs")):
         raise ConfigError("--out", f"{out_dir!r} holds runs but no sweep.json; choose another --out")
+
+
+def _auto_runs_per_device(gr, run_dir: str) -> int:
+    """``run.runs_per_device=auto`` for a group: 1 on CPU; on GPU/TPU by memory,
+    from a probe of the group's first run (host store, dropped after the estimate)."""
+    from fedkd_jax.builders import build_simulator
+
+    if jax.default_backend() == "cpu":
+        return 1
+    cfg = gr[0].config
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, client_store="host"))
+    data = build_data(cfg)
+    model = build_model(cfg, data)
+    probe = build_simulator(cfg, data, build_algorithm(cfg, model, data), out_dir=run_dir)
+    need = per_run_bytes(probe, probe.init(0))
+    if probe.store is not None:
+        probe.store.close()
+    del probe
+    return auto_runs_per_device(len(gr), jax.device_count(), need, device_memory_bytes())
 
 
 def _builder(cfg: Config, model, data, capacity: int):
@@ -113,15 +138,13 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
                 if interrupted:
                     break
                 rpd = group_size_value(gr[0].config.run.runs_per_device, "run.runs_per_device")
-                if rpd is None:  # auto: by backend and memory, from the group's first run
-                    probe_cfg = gr[0].config
-                    probe_data = build_data(probe_cfg)
-                    probe_model = build_model(probe_cfg, probe_data)
-                    probe = build_simulator(probe_cfg, probe_data, build_algorithm(probe_cfg, probe_model, probe_data),
-                                            out_dir=by_index[gr[0].index][0]) if jax.default_backend() != "cpu" else None
-                    rpd = 1 if probe is None else auto_runs_per_device(
-                        len(gr), jax.device_count(), per_run_bytes(probe, probe.init(0)), device_memory_bytes())
-                mesh = sweep_mesh(len(gr), runs_per_device=rpd)
+                if rpd is None:
+                    rpd = _auto_runs_per_device(gr, by_index[gr[0].index][0])
+                    mesh = sweep_mesh(len(gr), runs_per_device=rpd)
+                    # the runs axis is a divisor of the device count: spread the runs over its positions
+                    rpd = min(rpd, -(-len(gr) // mesh.shape["runs"]))
+                else:
+                    mesh = sweep_mesh(len(gr), runs_per_device=rpd)
                 built = []
                 for spec in gr:
                     cfg = spec.config
