@@ -15,11 +15,13 @@ import os
 import sys
 import time
 
+import numpy as np
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedkd", description="Federated knowledge-distillation simulator (JAX).")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an experiment (defaults: FedAvg on digits)")
+    run = sub.add_parser("run", help="run an experiment (default: FedKD on digits)")
     run.add_argument("--config", help="YAML file of settings (see README for keys)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one setting; repeatable, e.g. --set run.rounds=50")
@@ -214,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     f = result.final
     print(f"finished {result.rounds} rounds in {result.seconds:.1f} s (first dispatch incl. compile {result.first_dispatch_seconds:.1f} s)")
     if "test_accuracy" in f:
-        print(
-            f"global test accuracy {f['test_accuracy']:.4f}, loss {f['test_loss']:.4f}; "
-            f"per-client accuracy mean {f.get('client_acc_mean', float('nan')):.3f} "
-            f"(p10 {f.get('client_acc_p10', float('nan')):.3f}, p90 {f.get('client_acc_p90', float('nan')):.3f})"
-        )
+        local = (f"per-client accuracy mean {f['client_acc_mean']:.3f} "
+                 f"(p10 {f['client_acc_p10']:.3f}, p90 {f['client_acc_p90']:.3f})"
+                 if f.get("client_acc_mean") is not None and np.isfinite(f["client_acc_mean"])
+                 else "no local test splits (data.test_fraction=0)")
+        print(f"global test accuracy {f['test_accuracy']:.4f}, loss {f['test_loss']:.4f}; {local}")
     if "teacher_acc_mean" in f:
         print(f"private teachers on their local tests: mean {f['teacher_acc_mean']:.3f} "
               f"(p10 {f['teacher_acc_p10']:.3f}, p90 {f['teacher_acc_p90']:.3f})")
