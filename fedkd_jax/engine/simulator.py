@@ -31,14 +31,12 @@ tuned setting (1 is best on CPU; larger groups feed accelerators).
 
 from __future__ import annotations
 
-import weakref
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -49,6 +47,7 @@ from fedkd_jax.algorithms.local import tree_where
 from fedkd_jax.aggregation import Aggregator, ClientIn, ServerIn, chain, compress, mean
 from fedkd_jax.compression import Compressor
 from fedkd_jax.data import FederatedData
+from fedkd_jax.engine.client_init import fill_fresh, init_program, initial_states
 from fedkd_jax.engine.cohort import (
     Plan,
     key_bits,
@@ -60,76 +59,23 @@ from fedkd_jax.engine.cohort import (
 )
 from fedkd_jax.engine.mesh import CLIENTS, client_mesh
 from fedkd_jax.engine.placement import put_replicated, put_sharded
+from fedkd_jax.engine.state import (  # noqa: F401 - re-exported
+    _AGGREGATE,
+    _COMPRESS,
+    _DOWNLINK,
+    _SERVER,
+    _SERVER_INIT,
+    PoolData,
+    SimState,
+    client_init_key,
+    client_key,
+    round_key,
+)
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.store import ClientStore, make_store
 from fedkd_jax.tree_util import tree_bytes
 
-# Tags folded into the seed key so each use of randomness gets its own stream.
-_SERVER_INIT, _CLIENT_INIT, _ROUND = 0, 1, 2
-_CLIENTS_TAG, _SERVER, _DOWNLINK, _AGGREGATE = 1, 2, 4, 5
-_COMPRESS = 0x5EED  # folded into a client's key for its compressor's randomness
 STRAGGLER_MODES = ("fixed", "bernoulli")
-
-
-@struct.dataclass
-class SimState:
-    """Everything a round reads and writes besides the per-client store.
-
-    Attributes:
-      round: int32 scalar, rounds completed.
-      server: the algorithm's server state (global params, optimizer state...).
-      key: the run's base PRNG key (from the seed); never advanced: round and
-        client keys are derived by folding in their indices.
-      agg: the aggregation chain's state, a dict by transform name (e.g. the
-        adaptive clip norm).
-    """
-
-    round: jax.Array
-    server: Any
-    key: jax.Array
-    agg: Any = ()
-
-
-class PoolData(NamedTuple):
-    """The pooled rows on the devices (replicated): ``x [R, D]``, ``y [R]``."""
-
-    x: jax.Array
-    y: jax.Array
-
-
-def round_key(base: jax.Array, round_index: jax.Array) -> jax.Array:
-    """The key of round ``round_index``."""
-    return jax.random.fold_in(jax.random.fold_in(base, _ROUND), round_index)
-
-
-def client_key(rkey: jax.Array, client_id: jax.Array) -> jax.Array:
-    """The key of client ``client_id`` in the round keyed ``rkey``."""
-    return jax.random.fold_in(jax.random.fold_in(rkey, _CLIENTS_TAG), client_id)
-
-
-def client_init_key(base: jax.Array, client_id: jax.Array) -> jax.Array:
-    """The key that initialises client ``client_id``'s persistent state."""
-    return jax.random.fold_in(jax.random.fold_in(base, _CLIENT_INIT), client_id)
-
-
-@jax.jit
-def _fill_fresh(states: Any, fresh: jax.Array, init: Any) -> Any:
-    def pick(a, b):
-        return jnp.where(fresh.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
-
-    return jax.tree.map(pick, states, init)
-
-
-_INIT_BLOCK = 32  # clients initialised per call (a fixed shape: one compile per run)
-_INIT_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _init_program(init_client: Callable) -> Callable:
-    """``(key, ids) -> states`` jitted once per ``init_client`` (shared by simulators of a sweep)."""
-    if init_client not in _INIT_PROGRAMS:
-        _INIT_PROGRAMS[init_client] = jax.jit(
-            lambda key, ids: jax.vmap(lambda i: init_client(client_init_key(key, i)))(ids))
-    return _INIT_PROGRAMS[init_client]
 
 
 @jax.jit
@@ -250,7 +196,7 @@ class Simulator:
             self.bytes_down_per_client = tree_bytes(jax.eval_shape(algorithm.broadcast, abstract.server))
         self.bytes_up_per_client = tree_bytes(self._abstract_output(abstract).update)
         self._program = jax.jit(self._rounds, static_argnums=(0,))
-        self._init_block = _init_program(algorithm.init_client) if self.stateful else None
+        self._init_block = init_program(algorithm.init_client) if self.stateful else None
 
     # ----------------------------------------------------------------- setup
     def init(self, seed: int | jax.Array) -> SimState:
@@ -470,22 +416,8 @@ class Simulator:
 
     def initial_states(self, key: jax.Array, ids: np.ndarray) -> list[np.ndarray]:
         """Host copies (one array per leaf, ``[len(ids), ...]``) of the seed-defined
-        initial states of clients ``ids``, computed in fixed-size blocks on one
-        device, so the initialiser compiles once per run."""
-        ids = np.asarray(ids, np.int32)
-        b = _INIT_BLOCK
-        # one placement for the key wherever it comes from, so the initialiser compiles once
-        if isinstance(key, jax.Array) and not key.is_fully_addressable:  # a multi-process global key
-            key = key.addressable_data(0)
-        key = jax.device_put(key, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-        out = []
-        for i in range(0, len(ids), b):
-            block = np.zeros(b, np.int32)
-            block[: len(ids[i:i + b])] = ids[i:i + b]
-            out.append([np.asarray(a) for a in jax.tree.leaves(jax.device_get(self._init_block(key, block)))])
-        if not out:
-            return [np.zeros((0,) + tuple(t.shape), t.dtype) for t in jax.tree.leaves(self.client_template)]
-        return [np.concatenate(parts)[: len(ids)] for parts in zip(*out)]
+        initial states of clients ``ids`` (blocks on one device: one compile per run)."""
+        return initial_states(self._init_block, self.client_template, key, ids)
 
     def complete(self, key: jax.Array, ids: np.ndarray, states: Any, fresh: np.ndarray) -> Any:
         """Gathered ``states`` of clients ``ids`` with the ``fresh`` (never stored)
@@ -502,7 +434,7 @@ class Simulator:
                 for f, rows in zip(full, init):
                     f[fresh] = rows
                 treedef = jax.tree.structure(states)
-                states = _fill_fresh(states, put_replicated(fresh, self._replicated),
+                states = fill_fresh(states, put_replicated(fresh, self._replicated),
                                      put_replicated(jax.tree.unflatten(treedef, full), self._replicated))
         return put_replicated(states, self._replicated)
 

@@ -1,0 +1,199 @@
+"""Range and choice checks of a :class:`~fedkd_jax.config.Config`.
+
+:func:`validate` runs after OmegaConf's type checks, before any data is
+loaded or anything compiled; each error is a
+:class:`~fedkd_jax.errors.ConfigError` naming ``section.key`` and what is
+allowed. Cross-field rules (privacy with secure aggregation, proxies with
+the algorithms that use them, ...) live here too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedkd_jax.aggregation import WEIGHTINGS
+from fedkd_jax.compression import COMPRESSIONS
+from fedkd_jax.config import Config, dp_enabled, group_size_value
+from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
+from fedkd_jax.engine.simulator import STRAGGLER_MODES
+from fedkd_jax.errors import ConfigError
+from fedkd_jax.models import MODELS
+from fedkd_jax.paths import check_npz
+from fedkd_jax.store import STORES
+
+
+def _choice(field_name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(field_name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _positive(field_name: str, value: float | int | None, *, integer: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(field_name, f"must be {kind}; got {value}")
+
+
+def _fraction(field_name: str, value: float, *, upper_open: bool = True) -> None:
+    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        raise ConfigError(field_name, f"must be in [0, 1); got {value}")
+
+
+def _validate_privacy(cfg: Config) -> None:
+    from fedkd_jax.privacy.accounting import check
+
+    p, a = cfg.privacy, cfg.secagg
+    check(delta=p.delta, target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier,
+          clip_norm=p.clip_norm, sampling=p.sampling, accountant=p.accountant)
+    if dp_enabled(cfg) and p.clip_norm is None:
+        raise ConfigError("privacy.clip_norm", "differential privacy needs a clip norm S (the noise is z * S); "
+                                               "e.g. privacy.clip_norm=1.0, or 0.1 with adaptive clipping")
+    if p.adaptive_quantile is not None and not 0 < p.adaptive_quantile < 1:
+        raise ConfigError("privacy.adaptive_quantile", f"must be in (0, 1); got {p.adaptive_quantile}")
+    if p.adaptive_quantile is not None and not dp_enabled(cfg):
+        raise ConfigError("privacy.adaptive_quantile", "adaptive clipping is part of DP: set privacy.noise_multiplier")
+    _positive("privacy.adaptive_lr", p.adaptive_lr)
+    _positive("privacy.count_stddev", p.count_stddev, allow_none=True)
+    if dp_enabled(cfg) and cfg.client.weighting == "examples":
+        raise ConfigError("client.weighting", "DP-FedAvg sums clipped updates with equal weight and divides by the "
+                                              "expected cohort size; use auto or uniform with privacy")
+    if p.sampling == "poisson" and not dp_enabled(cfg) and not a.enabled:
+        pass  # Poisson cohorts are allowed on their own
+    if not 0 <= a.dropout_rate < 1:
+        raise ConfigError("secagg.dropout_rate", f"must be in [0, 1); got {a.dropout_rate}")
+    if not 8 <= a.bits <= 32:
+        raise ConfigError("secagg.bits", f"must be in [8, 32]; got {a.bits}")
+    if a.enabled:
+        if cfg.algorithm in ("feddf", "server_teacher_kd"):
+            raise ConfigError("secagg.enabled", f"{cfg.algorithm} distils the ensemble of each client's model on the "
+                                                "server, but secure aggregation reveals only the sum of the uploads; "
+                                                "use fedavg, fedprox or fedkd")
+        if p.clip_norm is None or not math.isfinite(p.clip_norm):
+            raise ConfigError("secagg.enabled", "secure aggregation needs a bound on every upload so the sum cannot "
+                                                "overflow the ring: set a finite privacy.clip_norm")
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges; raise :class:`ConfigError` naming the first bad field."""
+    _choice("algorithm", cfg.algorithm, ALGORITHMS)
+    d = cfg.data
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.partition", d.partition, PARTITIONS)
+    if d.dataset == "npz" and not d.path:
+        raise ConfigError("data.path", "dataset 'npz' needs data.path=FILE.npz holding arrays x and y")
+    if d.dataset == "npz":
+        check_npz("data.path", d.path)
+    if d.proxy == "npz" and d.proxy_path:
+        check_npz("data.proxy_path", d.proxy_path)
+    if d.partition == "natural" and d.dataset not in ("synthetic", "npz"):
+        raise ConfigError("data.partition", f"'natural' needs a dataset with client ids (synthetic or npz); {d.dataset!r} has none")
+    _positive("data.num_clients", d.num_clients, integer=True)
+    _positive("data.alpha", d.alpha)
+    _positive("data.shards_per_client", d.shards_per_client, integer=True)
+    _positive("data.examples_per_client", d.examples_per_client, integer=True, allow_none=True)
+    _positive("data.min_examples", d.min_examples, integer=True)
+    _fraction("data.test_fraction", d.test_fraction)
+    _fraction("data.global_test_fraction", d.global_test_fraction)
+    _fraction("data.proxy_fraction", d.proxy_fraction)
+    _choice("data.proxy", d.proxy, PROXY_SOURCES)
+    _positive("data.proxy_size", d.proxy_size, integer=True)
+    if d.proxy == "npz" and not d.proxy_path:
+        raise ConfigError("data.proxy_path", "data.proxy=npz needs data.proxy_path=FILE.npz holding an array x")
+    if cfg.algorithm in ("feddf", "server_teacher_kd") and d.proxy == "holdout" and d.proxy_fraction <= 0:
+        raise ConfigError("data.proxy_fraction", f"{cfg.algorithm} distils on an unlabeled proxy set; set it in (0, 1), "
+                                                 "e.g. 0.1, or use an out-of-domain data.proxy")
+    if cfg.algorithm == "server_teacher_kd" and cfg.distill.teacher_warmup == "labeled" and d.proxy != "holdout":
+        raise ConfigError("distill.teacher_warmup", "'labeled' trains the teacher on the labeled held-out proxy; "
+                                                    "it needs data.proxy=holdout (or use 'rounds')")
+    for name in ("synthetic_alpha", "synthetic_beta"):
+        v = getattr(d, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"data.{name}", f"must be a finite number >= 0; got {v}")
+    _positive("data.max_examples", d.max_examples, integer=True, allow_none=True)
+
+    m = cfg.model
+    _choice("model.kind", m.kind, MODELS)
+    for i, h in enumerate(m.hidden):
+        _positive(f"model.hidden[{i}]", h, integer=True)
+    for i, c in enumerate(m.channels):
+        _positive(f"model.channels[{i}]", c, integer=True)
+
+    c = cfg.client
+    _choice("client.optimizer", c.optimizer, CLIENT_OPTIMIZERS)
+    _positive("client.lr", c.lr)
+    _positive("client.batch_size", c.batch_size, integer=True)
+    _positive("client.local_epochs", c.local_epochs, integer=True)
+    _positive("client.local_steps", c.local_steps, integer=True, allow_none=True)
+    if not 0 <= c.momentum < 1:
+        raise ConfigError("client.momentum", f"must be in [0, 1); got {c.momentum}")
+    if not 0 <= c.straggler_fraction <= 1:
+        raise ConfigError("client.straggler_fraction", f"must be in [0, 1]; got {c.straggler_fraction}")
+    _choice("client.straggler_mode", c.straggler_mode, STRAGGLER_MODES)
+    _choice("client.weighting", c.weighting, ("auto",) + WEIGHTINGS)
+    if c.straggler_fraction > 0 and cfg.algorithm not in ("fedavg", "fedprox"):
+        raise ConfigError("client.straggler_fraction",
+                          f"stragglers are simulated for fedavg (dropped) and fedprox (kept); {cfg.algorithm} needs 0")
+
+    k = cfg.distill
+    _positive("distill.temperature", k.temperature)
+    if not 0 <= k.alpha <= 1:
+        raise ConfigError("distill.alpha", f"must be in [0, 1]; got {k.alpha}")
+    _choice("distill.teacher_kind", k.teacher_kind, MODELS)
+    for i, h in enumerate(k.teacher_hidden):
+        _positive(f"distill.teacher_hidden[{i}]", h, integer=True)
+    _choice("distill.teacher_optimizer", k.teacher_optimizer, CLIENT_OPTIMIZERS)
+    _positive("distill.teacher_lr", k.teacher_lr)
+    _positive("distill.server_steps", k.server_steps, integer=True)
+    _positive("distill.server_lr", k.server_lr)
+    _positive("distill.server_batch_size", k.server_batch_size, integer=True)
+    _choice("distill.server_schedule", k.server_schedule, ("cosine", "constant"))
+    _fraction("distill.val_fraction", k.val_fraction)
+    _positive("distill.patience", k.patience, integer=True)
+    _positive("distill.val_every", k.val_every, integer=True)
+    _choice("distill.teacher_warmup", k.teacher_warmup, ("rounds", "labeled"))
+    if not (isinstance(k.warmup_rounds, int) and k.warmup_rounds >= 0):
+        raise ConfigError("distill.warmup_rounds", f"must be an integer >= 0; got {k.warmup_rounds}")
+    _positive("distill.warmup_steps", k.warmup_steps, integer=True)
+    if not (math.isfinite(cfg.fedprox.mu) and cfg.fedprox.mu >= 0):
+        raise ConfigError("fedprox.mu", f"must be a finite number >= 0; got {cfg.fedprox.mu}")
+
+    z = cfg.compression
+    _choice("compression.method", z.method, ("auto",) + COMPRESSIONS)
+    _choice("compression.downlink", z.downlink, ("auto",) + COMPRESSIONS)
+    _positive("compression.schedule_rounds", z.schedule_rounds, integer=True, allow_none=True)
+    for name in ("energy_start", "energy_end", "topk_fraction"):
+        v = getattr(z, name)
+        if not 0 < v <= 1:
+            raise ConfigError(f"compression.{name}", f"must be in (0, 1]; got {v}")
+
+    s = cfg.server
+    _choice("server.optimizer", s.optimizer, SERVER_OPTIMIZERS)
+    _positive("server.lr", s.lr, allow_none=True)
+    _positive("server.tau", s.tau, allow_none=True)
+    for name in ("momentum", "b1", "b2"):
+        v = getattr(s, name)
+        if v is not None and not 0 <= v < 1:
+            raise ConfigError(f"server.{name}", f"must be in [0, 1); got {v}")
+
+    _validate_privacy(cfg)
+    r = cfg.run
+    _positive("run.rounds", r.rounds, integer=True)
+    _positive("run.cohort_size", r.cohort_size, integer=True)
+    if r.cohort_size > d.num_clients and d.partition != "natural":
+        raise ConfigError("run.cohort_size", f"must be at most data.num_clients ({d.num_clients}); got {r.cohort_size}")
+    _positive("run.eval_every", r.eval_every, integer=True)
+    _positive("run.rounds_per_dispatch", r.rounds_per_dispatch, integer=True)
+    _positive("run.checkpoint_every", r.checkpoint_every, integer=True)
+    _positive("run.keep_checkpoints", r.keep_checkpoints, integer=True)
+    _positive("run.devices", r.devices, integer=True, allow_none=True)
+    group_size_value(r.group_size)
+    group_size_value(r.runs_per_device, "run.runs_per_device")
+    _choice("run.client_store", r.client_store, STORES)
+    _positive("run.memory_budget_gb", r.memory_budget_gb, allow_none=True)
+    _positive("run.eval_clients", r.eval_clients, integer=True, allow_none=True)
+    _choice("run.log_to", r.log_to, ("files", "tensorboard"))
+    if not 0 <= r.seed < 2**31:
+        raise ConfigError("run.seed", f"must be in [0, 2^31); got {r.seed}")
