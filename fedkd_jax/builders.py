@@ -192,8 +192,10 @@ def privacy_delta(cfg: Config, num_clients: int) -> float:
 
 def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
     """The aggregation chain of ``cfg``: [compress] -> mean -> [DP clip + noise] -> [secure aggregation]."""
+    import math
+
     from fedkd_jax.aggregation import chain, compress, mean
-    from fedkd_jax.config import dp_enabled
+    from fedkd_jax.config import count_noise, dp_enabled, max_clip_norm, secagg_threshold
     from fedkd_jax.privacy import choose_fraction_bits, gaussian, secure_aggregation
 
     p, a = cfg.privacy, cfg.secagg
@@ -202,22 +204,28 @@ def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
     if comp is not None:
         steps.append(compress(comp))
     expected = float(cfg.run.cohort_size)
+    cap = max_clip_norm(cfg)
     if dp_enabled(cfg):
         steps.append(mean("uniform", denominator="expected", expected=expected))
+        adaptive = p.adaptive_quantile is not None
         steps.append(gaussian(p.noise_multiplier, p.clip_norm, expected_clients=expected,
-                              quantile=p.adaptive_quantile, learning_rate=p.adaptive_lr, count_stddev=p.count_stddev))
+                              quantile=p.adaptive_quantile, learning_rate=p.adaptive_lr,
+                              count_stddev=count_noise(cfg) if adaptive else None, max_clip_norm=cap,
+                              secure_noise=p.secure_noise, log_raw_norm=p.log_raw_norm))
     elif p.clip_norm is not None:  # clipping alone (e.g. to bound uploads for secure aggregation)
-        steps.append(gaussian(0.0, p.clip_norm, expected_clients=expected))
+        steps.append(gaussian(0.0, p.clip_norm, expected_clients=expected, log_raw_norm=p.log_raw_norm))
         steps.append(mean(client_weighting(cfg)))
     else:
         steps.append(mean(client_weighting(cfg)))
     if a.enabled:
         weighting = "uniform" if dp_enabled(cfg) else client_weighting(cfg)
         max_w = 1.0 if weighting == "uniform" else float(data.counts.max())
-        frac = choose_fraction_bits(a.bits, clip_norm=p.clip_norm, max_weight=max_w, max_clients=capacity,
+        # the ring must hold the largest norm the run can reach: the adaptive norm's cap
+        bound = cap if (p.adaptive_quantile is not None and math.isfinite(cap)) else p.clip_norm
+        frac = choose_fraction_bits(a.bits, clip_norm=bound, max_weight=max_w, max_clients=capacity,
                                     frac_bits=a.frac_bits)
         steps.append(secure_aggregation(bits=a.bits, frac_bits=frac, num_clients=data.num_clients,
-                                        dropout_rate=a.dropout_rate))
+                                        dropout_rate=a.dropout_rate, threshold=secagg_threshold(cfg)))
     return chain(*steps)
 
 

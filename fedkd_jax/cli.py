@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--rounds", type=int, required=True)
     cal.add_argument("--cohort", type=int, required=True)
     cal.add_argument("--clients", type=int, required=True)
-    cal.add_argument("--sampling", choices=("fixed", "poisson"), default="fixed")
+    cal.add_argument("--sampling", choices=("fixed", "poisson"), default="poisson",
+                     help="poisson (add-or-remove-one; the default with DP) or fixed (replace-one: ~2x the noise)")
     cal.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
     aud = sub.add_parser("audit", help="membership-inference audit of a finished run")
     aud.add_argument("run_dir")
@@ -225,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"private teachers on their local tests: mean {f['teacher_acc_mean']:.3f} "
               f"(p10 {f['teacher_acc_p10']:.3f}, p90 {f['teacher_acc_p90']:.3f})")
     if f.get("epsilon") is not None:
-        print(f"privacy: epsilon {f['epsilon']:.3f} at delta {f['delta']:g} ({f['epsilon_relation']} neighbours)")
+        print(f"privacy: epsilon {f['epsilon']:.3f} at delta {f['delta']:g} ({f['epsilon_relation']} neighbours); "
+              f"covers the global model and test_*, server_*, dp_clip_norm; analyst-only, computed from un-noised "
+              f"client data: {', '.join(f.get('privacy_analyst_only', []))} (see privacy.json)")
+        if f.get("noise_from_seed"):
+            print("privacy: the noise derives from run.seed (exact resume): whoever holds this run directory can "
+                  "regenerate and subtract it; privacy.secure_noise=true draws it from OS entropy instead")
     if f.get("cum_bytes_up") is not None:
         print(f"communication: {f['cum_bytes_up'] / 1e6:.2f} MB up, {f['cum_bytes_down'] / 1e6:.2f} MB down")
     store = ", checkpoints-clients/" if os.path.isdir(os.path.join(result.run_dir, "checkpoints-clients")) else ""

@@ -113,18 +113,22 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = None  # z; set it (or target_epsilon) to turn on client-level DP
     clip_norm: Optional[float] = None  # S (the initial norm with adaptive clipping); needed with DP
     delta: Optional[float] = None  # default min(1e-5, 1/N)
-    sampling: str = "fixed"  # fixed (C of N, replace-one epsilon) | poisson (add-or-remove-one)
+    sampling: str = "auto"  # auto (poisson with DP, else fixed) | fixed (C of N, replace-one) | poisson (add-or-remove-one)
     target_epsilon: Optional[float] = None  # stop at the last round within budget (calibrates z if unset)
     adaptive_quantile: Optional[float] = None  # unset: fixed clipping; e.g. 0.5 (Andrew et al. 2021)
     adaptive_lr: float = 0.2
     count_stddev: Optional[float] = None  # noise on the unclipped count (default cohort / 20)
+    max_clip_norm: Optional[float] = None  # cap on the adaptive clip norm (default: none; with secagg 100 x clip_norm)
     accountant: str = "rdp"  # rdp | pld (pld needs poisson sampling)
+    secure_noise: bool = False  # draw DP noise from OS entropy (not reproducible; resume continues with fresh noise)
+    log_raw_norm: bool = False  # also log the mean un-noised update norm (analyst-only, not covered by epsilon)
 
 
 @dataclass
 class SecAggConfig:
     enabled: bool = False
     dropout_rate: float = 0.0  # share of the cohort dropping after masking
+    threshold: Optional[int] = None  # survivors needed to unmask (default: a majority of the cohort); fewer: empty round
     bits: int = 32  # the ring Z_(2^bits)
     frac_bits: Optional[int] = None  # fixed-point scale 2^frac_bits (default: the finest that cannot overflow)
 
@@ -192,13 +196,22 @@ def group_size_value(value: str | int, field: str = "run.group_size") -> int | N
     return g
 
 
+def sampling_method(cfg: Config) -> str:
+    """Resolve ``privacy.sampling=auto``: Poisson cohorts with DP (add-or-remove-one
+    accounting needs about half the noise of fixed-size cohorts for the same epsilon),
+    fixed-size cohorts otherwise."""
+    s = cfg.privacy.sampling
+    return ("poisson" if dp_enabled(cfg) else "fixed") if s == "auto" else s
+
+
 def resolve_defaults(cfg: Config) -> Config:
     """Fill settings whose default depends on other settings (the server
-    optimizer's ``lr``, ``momentum``, ``b1``, ``b2``, ``tau``), so the saved
-    config records the values a run used."""
+    optimizer's ``lr``, ``momentum``, ``b1``, ``b2``, ``tau``; the cohort
+    sampling), so the saved config records the values a run used."""
     s = cfg.server
     h = server_settings(s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, tau=s.tau)
-    return dataclasses.replace(cfg, server=dataclasses.replace(s, **h))
+    privacy = dataclasses.replace(cfg.privacy, sampling=sampling_method(cfg))
+    return dataclasses.replace(cfg, server=dataclasses.replace(s, **h), privacy=privacy)
 
 
 def _sections() -> dict[str, list[str]]:
@@ -272,6 +285,29 @@ def validate(cfg: Config) -> None:
     from fedkd_jax.validation import validate as check
 
     check(cfg)
+
+
+def count_noise(cfg: Config) -> float:
+    """Adaptive clipping's noise on the unclipped count: ``privacy.count_stddev`` or cohort / 20."""
+    p = cfg.privacy
+    return p.count_stddev if p.count_stddev is not None else cfg.run.cohort_size / 20.0
+
+
+def secagg_threshold(cfg: Config) -> int:
+    """Survivors secure aggregation needs to unmask: ``secagg.threshold`` or a majority of the cohort."""
+    t = cfg.secagg.threshold
+    return int(t) if t is not None else cfg.run.cohort_size // 2 + 1
+
+
+def max_clip_norm(cfg: Config) -> float:
+    """The adaptive clip norm's cap: ``privacy.max_clip_norm``; by default none, and with
+    secure aggregation (whose ring must bound every upload) 100 x the initial norm."""
+    p = cfg.privacy
+    if p.max_clip_norm is not None:
+        return float(p.max_clip_norm)
+    if p.adaptive_quantile is not None and cfg.secagg.enabled and p.clip_norm is not None:
+        return 100.0 * float(p.clip_norm)
+    return float("inf")
 
 
 def dp_enabled(cfg: Config) -> bool:

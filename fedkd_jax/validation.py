@@ -15,13 +15,16 @@ from typing import Sequence
 from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from fedkd_jax.aggregation import WEIGHTINGS
 from fedkd_jax.compression import COMPRESSIONS
-from fedkd_jax.config import Config, dp_enabled, group_size_value
+from fedkd_jax.config import Config, count_noise, dp_enabled, group_size_value, sampling_method, secagg_threshold
 from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
 from fedkd_jax.engine.simulator import STRAGGLER_MODES
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
 from fedkd_jax.paths import check_npz
 from fedkd_jax.store import STORES
+
+
+MAX_DELTA = 0.1  # a larger delta is no privacy guarantee at all
 
 
 def _choice(field_name: str, value: str, allowed: Sequence[str]) -> None:
@@ -44,24 +47,37 @@ def _fraction(field_name: str, value: float, *, upper_open: bool = True) -> None
 
 def _validate_privacy(cfg: Config) -> None:
     from fedkd_jax.privacy.accounting import check
+    from fedkd_jax.privacy.dp import check_count_budget
 
     p, a = cfg.privacy, cfg.secagg
+    _choice("privacy.sampling", p.sampling, ("auto", "fixed", "poisson"))
     check(delta=p.delta, target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier,
-          clip_norm=p.clip_norm, sampling=p.sampling, accountant=p.accountant)
+          clip_norm=p.clip_norm, sampling=sampling_method(cfg), accountant=p.accountant)
+    if p.delta is not None and p.delta >= MAX_DELTA:
+        raise ConfigError("privacy.delta", f"{p.delta:g} lets the guarantee fail with probability {p.delta:g} (a "
+                                           f"mechanism may then reveal a client entirely); it must be below "
+                                           f"{MAX_DELTA:g}, and is usually at most 1/N: min(1e-5, 1/N), the default")
     if dp_enabled(cfg) and p.clip_norm is None:
         raise ConfigError("privacy.clip_norm", "differential privacy needs a clip norm S (the noise is z * S); "
                                                "e.g. privacy.clip_norm=1.0, or 0.1 with adaptive clipping")
+    if dp_enabled(cfg) and not math.isfinite(p.clip_norm):
+        raise ConfigError("privacy.clip_norm", f"differential privacy needs a finite clip norm (the noise is z * S, "
+                                               f"infinite with S = {p.clip_norm}); e.g. privacy.clip_norm=1.0")
     if p.adaptive_quantile is not None and not 0 < p.adaptive_quantile < 1:
         raise ConfigError("privacy.adaptive_quantile", f"must be in (0, 1); got {p.adaptive_quantile}")
     if p.adaptive_quantile is not None and not dp_enabled(cfg):
         raise ConfigError("privacy.adaptive_quantile", "adaptive clipping is part of DP: set privacy.noise_multiplier")
     _positive("privacy.adaptive_lr", p.adaptive_lr)
     _positive("privacy.count_stddev", p.count_stddev, allow_none=True)
+    _positive("privacy.max_clip_norm", p.max_clip_norm, allow_none=True)
+    if p.max_clip_norm is not None and p.clip_norm is not None and p.max_clip_norm < p.clip_norm:
+        raise ConfigError("privacy.max_clip_norm", f"must be at least privacy.clip_norm ({p.clip_norm:g}), the "
+                                                   f"initial norm; got {p.max_clip_norm:g}")
+    if p.adaptive_quantile is not None and p.noise_multiplier is not None:
+        check_count_budget(p.noise_multiplier, count_noise(cfg))
     if dp_enabled(cfg) and cfg.client.weighting == "examples":
         raise ConfigError("client.weighting", "DP-FedAvg sums clipped updates with equal weight and divides by the "
                                               "expected cohort size; use auto or uniform with privacy")
-    if p.sampling == "poisson" and not dp_enabled(cfg) and not a.enabled:
-        pass  # Poisson cohorts are allowed on their own
     if not 0 <= a.dropout_rate < 1:
         raise ConfigError("secagg.dropout_rate", f"must be in [0, 1); got {a.dropout_rate}")
     if not 8 <= a.bits <= 32:
@@ -74,6 +90,14 @@ def _validate_privacy(cfg: Config) -> None:
         if p.clip_norm is None or not math.isfinite(p.clip_norm):
             raise ConfigError("secagg.enabled", "secure aggregation needs a bound on every upload so the sum cannot "
                                                 "overflow the ring: set a finite privacy.clip_norm")
+        c = cfg.run.cohort_size
+        if c < 2:
+            raise ConfigError("run.cohort_size", "secure aggregation needs at least 2 clients per round (one "
+                                                 "client's masked sum is its update in the clear); got 1")
+        t = secagg_threshold(cfg)
+        if not 2 <= t <= c:
+            raise ConfigError("secagg.threshold", f"must be in [2, run.cohort_size = {c}] (survivors needed to "
+                                                  f"unmask the sum); got {t}")
 
 
 def validate(cfg: Config) -> None:

@@ -124,12 +124,18 @@ def feddf(
         return out._replace(aux_weight=(out.weight > 0).astype(jnp.float32))
 
     def aux_from_update(params, delta, sdata):
-        # the server's view of this client's model: global + (decompressed) delta
-        return proxy_logits(model.apply, jax.tree.map(jnp.add, params, delta), sdata["proxy"])
+        # the server's view of this client's model (global + decompressed delta), as logits
+        # *relative to the global model's*: what the client adds, small like its delta, so
+        # DP's joint clip of (delta, logits) does not spend its budget on the global logits
+        proxy = sdata["proxy"]
+        return (proxy_logits(model.apply, jax.tree.map(jnp.add, params, delta), proxy)
+                - proxy_logits(model.apply, params, proxy))
 
-    def server_update(state: FedDFState, mean_delta, mean_logits, key: jax.Array, sdata):
+    def server_update(state: FedDFState, mean_delta, mean_dlogits, key: jax.Array, sdata):
         avg, _ = base.server_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
         proxy_rows = sdata["proxy"]
+        # the ensemble: the global model's logits plus the mean difference (= mean client logits)
+        mean_logits = proxy_logits(model.apply, state.params, proxy_rows) + mean_dlogits
         val_score = None
         if len(val_rows):
             vx, vt = proxy_rows[val_rows], mean_logits[val_rows]

@@ -152,11 +152,14 @@ def server_teacher_kd(
         return ClientOutput(delta, weight, cs, metrics, aux_weight=(weight > 0).astype(jnp.float32))
 
     def aux_from_update(bcast, delta, sdata):
-        # the server's view of this client's student: global + (decompressed) delta
-        params = bcast[0]
-        return proxy_logits(student.apply, jax.tree.map(jnp.add, params, delta), sdata["proxy"])
+        # the server's view of this client's student (global + decompressed delta), as logits
+        # relative to the global student's (see feddf: DP clips them jointly with the delta)
+        params, proxy = bcast[0], sdata["proxy"]
+        return (proxy_logits(student.apply, jax.tree.map(jnp.add, params, delta), proxy)
+                - proxy_logits(student.apply, params, proxy))
 
-    def server_update(state: ServerTeacherState, mean_delta, mean_logits, key: jax.Array, sdata):
+    def server_update(state: ServerTeacherState, mean_delta, mean_dlogits, key: jax.Array, sdata):
+        mean_logits = proxy_logits(student.apply, state.params, sdata["proxy"]) + mean_dlogits
         s, _ = student_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
         t, t_opt, m = distill_on_proxy(
             teacher.apply, state.teacher, state.teacher_opt_state, teacher_opt, sdata["proxy"], mean_logits, key,

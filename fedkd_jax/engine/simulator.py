@@ -72,6 +72,7 @@ from fedkd_jax.engine.state import (  # noqa: F401 - re-exported
     round_key,
 )
 from fedkd_jax.errors import ConfigError
+from fedkd_jax.privacy.dp import refresh_noise_seed
 from fedkd_jax.store import ClientStore, make_store
 from fedkd_jax.tree_util import tree_bytes
 
@@ -363,6 +364,12 @@ class Simulator:
                            state.agg[t.name], w_sum, aux_w_sum, contributing, stats, ids, sent, rkey)
             payload, agg_state[t.name], m = t.finalize(payload, sin)
             metrics.update({f"{t.name}_{k}": v for k, v in m.items()})
+        # a transform may abort the round (secure aggregation below its survivor threshold):
+        # then it is an empty round, reported as such
+        aborted = [metrics[f"{t.name}_aborted"] > 0 for t in agg.transforms if f"{t.name}_aborted" in metrics]
+        if aborted:
+            any_client = any_client & ~jnp.any(jnp.stack(aborted))
+            contributing = jnp.where(any_client, contributing, 0.0)
         mean_update, mean_aux = payload["update"], payload["aux"]
         skey = jax.random.fold_in(rkey, _SERVER)
         server, server_metrics = alg.server_update(state.server, mean_update, mean_aux, skey, sdata)
@@ -379,8 +386,8 @@ class Simulator:
         union = jax.tree.map(lambda a, b: a.at[pos].set(b, mode="drop"), union, new_states)
         nan = jnp.float32(jnp.nan)
         denom = jnp.where(any_client, w_sum, 1.0)
-        metrics = {k: jnp.where(any_client, v, nan) for k, v in metrics.items() if k != "bytes_down_client"} | {
-            k: v for k, v in metrics.items() if k == "bytes_down_client"}
+        always = lambda k: k == "bytes_down_client" or k.endswith("_aborted")  # noqa: E731 - reported in every round
+        metrics = {k: v if always(k) else jnp.where(any_client, v, nan) for k, v in metrics.items()}
         metrics.update({("train_" + k if k == "loss" else "client_" + k): jnp.where(any_client, v / denom, nan)
                         for k, v in met_sum.items()})
         metrics.update({"server_" + k: jnp.where(any_client, v, nan) for k, v in server_metrics.items()})
@@ -459,6 +466,7 @@ class Simulator:
         if self.stateful:
             self.store.bind(key_bits(state.key), plan.start)
         union = self.gather(plan, state.key) if gathered is None else gathered
+        state = state.replace(agg=refresh_noise_seed(state.agg))  # privacy.secure_noise: fresh OS entropy
         state, union, metrics = jax.block_until_ready(self._program(r, state, pool, *self._args(plan, union)))
         if self.stateful:
             self.store.scatter(plan.union, union)

@@ -4,17 +4,23 @@ Each round is one sampled Gaussian mechanism on the clients' clipped
 payloads (the adaptive clip's noisy count is folded into the same noise
 multiplier ``z``, see :mod:`fedkd_jax.privacy.dp`):
 
-* ``sampling="fixed"`` (a cohort of ``C`` of ``N`` without replacement, the
-  engine's default sampler): ``SampledWithoutReplacementDpEvent(N, C,
-  GaussianDpEvent(z))``. ``dp-accounting`` accounts it only under the
-  *replace-one* neighbouring relation, with the RDP accountant.
-* ``sampling="poisson"`` (each client independently with ``q = C / N``):
-  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` under *add-or-remove-one*,
-  with RDP or PLD.
+* ``sampling="poisson"`` (each client independently with ``q = C / N``, the
+  default with DP): ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` under
+  *add-or-remove-one*, with RDP or PLD. Adding or removing one client moves
+  the clipped sum by at most ``S``; the noise std is ``z * S``, so the
+  Gaussian's multiplier (noise std over L2 sensitivity) is ``z``.
+* ``sampling="fixed"`` (a cohort of ``C`` of ``N`` without replacement):
+  ``SampledWithoutReplacementDpEvent(N, C, GaussianDpEvent(z / 2))``.
+  ``dp-accounting`` accounts it only under the *replace-one* relation, with
+  the RDP accountant. Replacing one client's clipped update ``v`` by ``-v``
+  moves the sum by up to ``2 S`` while the noise std stays ``z * S``, so the
+  multiplier ``dp-accounting`` must be given is ``z / 2``
+  (google/differential-privacy issue 378). For the same ``z`` the
+  replace-one epsilon is therefore several times the add-or-remove-one one,
+  and the same epsilon needs about twice the noise with fixed-size cohorts.
 
-``R`` rounds are ``SelfComposedDpEvent(round_event, R)``. The epsilon each
-figure refers to is reported with its relation (``replace-one`` epsilons are
-roughly twice the ``add-or-remove-one`` ones for the same mechanism).
+``R`` rounds are ``SelfComposedDpEvent(round_event, R)``. Every epsilon is
+reported with its relation.
 """
 
 from __future__ import annotations
@@ -41,8 +47,14 @@ class Mechanism(NamedTuple):
     sampling: str = "fixed"
 
 
+def sensitivity_factor(sampling: str) -> float:
+    """The clipped sum's L2 sensitivity in units of ``S`` under the sampling's relation."""
+    return 2.0 if sampling == "fixed" else 1.0
+
+
 def round_event(m: Mechanism) -> dpa.DpEvent:
-    gauss = dpa.GaussianDpEvent(m.noise_multiplier)
+    """One round as a ``dp-accounting`` event (see the module docstring)."""
+    gauss = dpa.GaussianDpEvent(m.noise_multiplier / sensitivity_factor(m.sampling))
     if m.sampling == "poisson":
         return dpa.PoissonSampledDpEvent(m.cohort_size / m.num_clients, gauss)
     return dpa.SampledWithoutReplacementDpEvent(m.num_clients, m.cohort_size, gauss)
@@ -127,7 +139,7 @@ class Accountant:
 
 
 def calibrate(target_epsilon: float, delta: float, *, rounds: int, cohort_size: int, num_clients: int,
-              sampling: str = "fixed", accountant: str = "rdp", max_noise: float = 1e3) -> float:
+              sampling: str = "poisson", accountant: str = "rdp", max_noise: float = 1e3) -> float:
     """The smallest noise multiplier whose ``rounds`` rounds cost at most ``target_epsilon`` at ``delta``.
 
     Raises:

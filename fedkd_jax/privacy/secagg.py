@@ -10,14 +10,26 @@ Inside the compiled round, as the last client-side step of the chain:
    round and the pair); client ``i`` adds ``PRG(s_ij)`` for each ``j > i``
    and subtracts it for each ``j < i``, plus a self mask ``PRG(b_i)``. One
    masked upload is uniformly distributed on the ring (a test checks it).
-3. **Sum.** The server's code path only sees masked vectors and adds them
-   modulo 2^bits (the round's integer all-reduce wraps).
+3. **Sum.** The server adds the masked vectors modulo 2^bits (the round's
+   integer all-reduce wraps).
 4. **Recovery.** Clients that drop after masking (``dropout_rate``, and
    FedAvg's dropped stragglers) never deliver. The server reconstructs what
    their absence leaves behind: the self masks of the survivors and the
    pairwise masks between survivors and dropped clients (in the protocol,
    from secret shares the survivors hold), and subtracts them. The result is
    exactly the sum of the survivors' fixed-point vectors, which is decoded.
+   As in the protocol, the server unmasks only when at least ``threshold``
+   clients survive (default: a majority of the cohort); below it the round
+   is aborted and counts as an empty round (no server update).
+
+Threat model of this *simulation*: every mask key derives from the round's
+key, which the simulated server's code holds, so this code can unmask any
+single client; it protects nothing against whoever runs it. What it shows
+faithfully is the protocol's arithmetic and cost: the sum a real server
+would obtain (exact, with dropouts), the ring's overflow bounds, the
+threshold, and the bytes each client sends. A masked upload taken alone is
+uniform on the ring (a test checks it), as it would be for a server that
+does not hold the keys.
 
 Overflow: each upload is bounded (clip norm ``S``, weight at most ``w``), so
 the decoded sum needs ``|sum| <= C * (w * S * 2^f + 1) < 2^(bits-1)``;
@@ -60,6 +72,9 @@ def choose_fraction_bits(bits: int, *, clip_norm: float, max_weight: float, max_
         return max_clients * (max_weight * clip_norm * 2.0 ** f + 1) <= limit
 
     if frac_bits is not None:
+        if not 0 <= frac_bits < bits:
+            raise ConfigError("secagg.frac_bits", f"must be in [0, secagg.bits = {bits}) (fractional bits of the "
+                                                  f"fixed point), or unset to choose the finest safe one; got {frac_bits}")
         if not fits(frac_bits):
             raise ConfigError("secagg.bits", f"a ring of 2^{bits} overflows: {max_clients} clients x weight "
                                              f"{max_weight:g} x clip norm {clip_norm:g} x 2^{frac_bits} exceeds 2^{bits - 1}")
@@ -78,10 +93,16 @@ def upload_bytes(num_values: int, bits: int, cohort: int) -> int:
     return math.ceil(num_values * bits / 8) + KEY_BYTES + SHARE_BYTES * (cohort - 1)
 
 
-def secure_aggregation(*, bits: int, frac_bits: int, num_clients: int, dropout_rate: float = 0.0) -> Transform:
-    """The secure-aggregation transform (see the module docstring)."""
+def secure_aggregation(*, bits: int, frac_bits: int, num_clients: int, dropout_rate: float = 0.0,
+                       threshold: int = 2) -> Transform:
+    """The secure-aggregation transform (see the module docstring).
+
+    ``threshold``: survivors needed to unmask; a round with fewer is aborted
+    (the ``aborted`` metric is 1 and the engine treats the round as empty)."""
     if not 0 <= dropout_rate < 1:
         raise ConfigError("secagg.dropout_rate", f"must be in [0, 1); got {dropout_rate}")
+    if threshold < 2:
+        raise ConfigError("secagg.threshold", f"must be at least 2 (one survivor's sum is its update); got {threshold}")
     mod_mask = jnp.uint32(2**bits - 1) if bits < 32 else None
     scale = float(2 ** frac_bits)
     layout: dict = {}  # the payload's structure, recorded when encode is traced
@@ -154,7 +175,9 @@ def secure_aggregation(*, bits: int, frac_bits: int, num_clients: int, dropout_r
             size = math.prod(shape)
             out.append(v[off:off + size].reshape(shape).astype(dtype))
             off += size
-        metrics = {"dropped": jnp.sum(dropped).astype(jnp.float32)}
+        aborted = jnp.sum(sent) < threshold  # the protocol refuses to unmask too few survivors
+        out = [jnp.where(aborted, jnp.zeros_like(x), x) for x in out]
+        metrics = {"dropped": jnp.sum(dropped).astype(jnp.float32), "aborted": aborted.astype(jnp.float32)}
         return jax.tree.unflatten(layout["treedef"], out), sin.state, metrics
 
     return Transform("secagg", no_state, encode, finalize, integer_payload=True)

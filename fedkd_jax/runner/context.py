@@ -146,6 +146,10 @@ class RunContext:
         self.t_start = time.perf_counter()
         self.first_dispatch = None
         self.limit, self.budget_note = r.rounds, None
+        self.noise_note = None
+        if cfg.privacy.secure_noise and self.resumed_from:
+            self.noise_note = (f"privacy.secure_noise: resumed at round {self.resumed_from} with fresh noise from the "
+                               "operating system (rounds before and after are not reproducible)")
         if accountant is not None and cfg.privacy.target_epsilon is not None:
             within = accountant.rounds_within(cfg.privacy.target_epsilon, r.rounds)
             if within < r.rounds:
@@ -225,10 +229,21 @@ class RunContext:
         if self.log.rows:
             final.update({k: self.log.rows[-1].get(k) for k in ("train_loss", "cum_bytes_up", "cum_bytes_down")})
         notes = list(self.ckpt.events) + ([self.budget_note] if self.budget_note and self.done >= self.limit else [])
+        notes += [self.noise_note] if self.noise_note else []
         if self.accountant is not None:
+            from fedkd_jax.privacy.coverage import split
+
             final["epsilon"] = self.accountant.epsilon_at(self.done)
             final["delta"] = self.accountant.delta
             final["epsilon_relation"] = self.accountant.relation
+            columns = split(k for row in self.log.rows for k in row)
+            final["privacy_analyst_only"] = columns["analyst_only"]
+            final["noise_from_seed"] = not cfg.privacy.secure_noise
+            if self.primary:  # which logged columns epsilon covers, for whoever publishes them
+                with open(os.path.join(self.out_dir, "privacy.json"), "w") as f:
+                    json.dump({"epsilon": final["epsilon"], "delta": final["delta"],
+                               "relation": final["epsilon_relation"], "secure_noise": cfg.privacy.secure_noise,
+                               "noise_reproducible_from_seed": not cfg.privacy.secure_noise, **columns}, f, indent=2)
         state = None
         if jax.process_count() == 1:
             state = jax.device_get(self.state)
@@ -254,18 +269,40 @@ def resolve_run(cfg: Config, previous: Config | None) -> Config:
 
 
 def privacy_setup(cfg: Config, num_clients: int):
-    """Resolve DP settings that need the population (delta, calibrated noise); the accountant."""
+    """Resolve DP settings that need the population (delta, calibrated noise); the accountant.
+
+    Raises (before anything is compiled) when the settings cannot give what they ask
+    for: a calibrated noise that leaves adaptive clipping no budget, or a target
+    epsilon that not even one round fits. Warns when delta exceeds 1/N."""
+    import warnings
+
     from fedkd_jax.builders import privacy_delta
-    from fedkd_jax.config import dp_enabled
+    from fedkd_jax.config import count_noise, dp_enabled, sampling_method
+    from fedkd_jax.errors import ConfigError
     from fedkd_jax.privacy import Accountant, Mechanism, calibrate
+    from fedkd_jax.privacy.dp import check_count_budget
 
     if not dp_enabled(cfg):
         return cfg, None
     p = cfg.privacy
+    sampling = sampling_method(cfg)
     delta = privacy_delta(cfg, num_clients)
+    if delta > 1.0 / num_clients:
+        warnings.warn(f"privacy.delta={delta:g} is above 1/N = {1 / num_clients:.3g}: a mechanism that reveals one "
+                      f"client outright would still meet it; the usual choice is min(1e-5, 1/N) "
+                      f"= {min(1e-5, 1 / num_clients):.3g} (the default)", stacklevel=2)
     z = p.noise_multiplier
     if z is None:
         z = calibrate(p.target_epsilon, delta, rounds=cfg.run.rounds, cohort_size=cfg.run.cohort_size,
-                      num_clients=num_clients, sampling=p.sampling, accountant=p.accountant)
-    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=float(z), delta=float(delta)))
-    return cfg, Accountant(Mechanism(float(z), num_clients, cfg.run.cohort_size, p.sampling), delta, kind=p.accountant)
+                      num_clients=num_clients, sampling=sampling, accountant=p.accountant)
+    if p.adaptive_quantile is not None:
+        check_count_budget(float(z), count_noise(cfg))
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=float(z), delta=float(delta),
+                                                               sampling=sampling))
+    accountant = Accountant(Mechanism(float(z), num_clients, cfg.run.cohort_size, sampling), delta, kind=p.accountant)
+    if p.target_epsilon is not None and accountant.epsilon_at(1) > p.target_epsilon:
+        raise ConfigError("privacy.target_epsilon", f"not even one round fits: one round with noise multiplier {z:g} "
+                                                    f"costs epsilon {accountant.epsilon_at(1):.4g} at delta {delta:g} "
+                                                    f"> {p.target_epsilon:g}; raise the target or "
+                                                    "privacy.noise_multiplier (or leave it unset to calibrate it)")
+    return cfg, accountant

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from fedkd_jax.engine import Simulator
 from fedkd_jax.engine.cohort import Plan
 from fedkd_jax.engine.mesh import CLIENTS
+from fedkd_jax.privacy.dp import refresh_noise_seed
 
 RUNS = "runs"
 
@@ -174,6 +175,7 @@ class BatchedRuns:
         else:
             union = ()
         hp = jax.device_put(self.hp, self.by_run)
+        state = state.replace(agg=refresh_noise_seed(state.agg))  # privacy.secure_noise: fresh OS entropy
         out_state, out_union, metrics = jax.block_until_ready(
             self.program(num_rounds)(state, self.pool, ids, rows, counts, pos, union, self.sdata, hp))
         # the same placement as the inputs, so the next dispatch hits the compiled program's cache
