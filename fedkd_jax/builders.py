@@ -159,13 +159,13 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
 
     import jax
 
-    from fedkd_jax.config import group_size_value
+    from fedkd_jax.config import devices_value, group_size_value
     from fedkd_jax.engine import Simulator, client_mesh
     from fedkd_jax.engine.cohort import poisson_capacity
     from fedkd_jax.store import choose_store, state_bytes
 
     r = cfg.run
-    mesh = client_mesh(r.devices) if mesh is None else mesh
+    mesh = client_mesh(devices_value(r.devices)) if mesh is None else mesh
     devices = int(mesh.shape["clients"])
     group = group_size_value(r.group_size) or auto_group_size(math.ceil(r.cohort_size / devices))
     store = "device"
@@ -193,7 +193,7 @@ def privacy_delta(cfg: Config, num_clients: int) -> float:
 def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
     """The aggregation chain of ``cfg``: [compress] -> mean -> [DP clip + noise] -> [secure aggregation]."""
     from fedkd_jax.aggregation import chain, compress, mean
-    from fedkd_jax.config import dp_enabled
+    from fedkd_jax.config import dp_enabled, frac_bits_value
     from fedkd_jax.privacy import choose_fraction_bits, gaussian, secure_aggregation
 
     p, a = cfg.privacy, cfg.secagg
@@ -215,7 +215,7 @@ def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
         weighting = "uniform" if dp_enabled(cfg) else client_weighting(cfg)
         max_w = 1.0 if weighting == "uniform" else float(data.counts.max())
         frac = choose_fraction_bits(a.bits, clip_norm=p.clip_norm, max_weight=max_w, max_clients=capacity,
-                                    frac_bits=a.frac_bits)
+                                    frac_bits=frac_bits_value(a.frac_bits))
         steps.append(secure_aggregation(bits=a.bits, frac_bits=frac, num_clients=data.num_clients,
                                         dropout_rate=a.dropout_rate))
     return chain(*steps)
