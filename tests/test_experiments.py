@@ -18,3 +18,17 @@ def test_svd_energy_experiment_writes_results_and_compresses(tmp_path):
     assert float(rows["0.95-0.98"]["total_bytes_up"]) < float(rows["none"]["total_bytes_up"]) / 3
     assert "| schedule |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 5_000
+
+
+# The checks below fake the runs (run_grid) so they compile nothing.
+import privacy  # noqa: E402
+import pytest  # noqa: E402
+import reproduce  # noqa: E402
+import temperature  # noqa: E402
+
+
+def test_privacy_plot_without_dp_rows_does_not_crash(tmp_path):
+    privacy.plot(str(tmp_path), [], [])  # --only secagg,he with no dp results yet
+    partial = [{"algorithm": "fedavg", "epsilon": "inf", "student_accuracy": 0.9, "student_calibrated_auc": 0.5}]
+    privacy.plot(str(tmp_path), partial, [])
+    assert (tmp_path / "privacy_vs_epsilon.png").exists()
