@@ -164,15 +164,8 @@ def he_costs(quick: bool) -> list[dict]:
 
 
 def main(argv=None):
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--only", default=",".join(PARTS))
-    known, rest = pre.parse_known_args(argv)
-    parts = [p for p in known.only.split(",") if p]
-    if bad := [p for p in parts if p not in PARTS]:
-        sys.exit(f"privacy.py: error: --only: unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
-    args = parse_args(__doc__, rest)
+    args = parse_args(__doc__, argv, only=PARTS)
+    parts = args.only
     out = args.results or os.path.join(HERE, "results", "privacy")
     runs = args.runs or os.path.join(ROOT, "runs", "experiments", "privacy")
     os.makedirs(out, exist_ok=True)

@@ -27,6 +27,19 @@ import reproduce  # noqa: E402
 import temperature  # noqa: E402
 
 
+@pytest.mark.parametrize("script, names", [(reproduce, reproduce.STUDIES), (privacy, privacy.PARTS)])
+def test_only_is_in_the_help_with_its_names_and_checked(script, names, capsys, monkeypatch):
+    monkeypatch.setattr(script, "run_grid", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    assert "--only" in capsys.readouterr().out.replace("\n", " ")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--only", f"{names[0]},nosuch"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and all(n in err for n in names)
+
+
 def test_privacy_plot_without_dp_rows_does_not_crash(tmp_path):
     privacy.plot(str(tmp_path), [], [])  # --only secagg,he with no dp results yet
     partial = [{"algorithm": "fedavg", "epsilon": "inf", "student_accuracy": 0.9, "student_calibrated_auc": 0.5}]
