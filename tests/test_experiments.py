@@ -40,6 +40,21 @@ def test_only_is_in_the_help_with_its_names_and_checked(script, names, capsys, m
     assert "nosuch" in err and all(n in err for n in names)
 
 
+def _fake_grid(rows_of):
+    def run_grid(name, cells, *, results_dir=None, runs_dir=None, extract=None):
+        os.makedirs(results_dir, exist_ok=True)
+        return [dict(labels, **rows_of(labels)) for labels, _ in cells]
+    return run_grid
+
+
+def test_reproduce_only_one_study_still_writes_the_top_level_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "run_grid", _fake_grid(lambda labels: {"student_accuracy": 0.8, "rounds": 5}))
+    reproduce.main(["--quick", "--only", "reddi", "--results", str(tmp_path)])
+    top = (tmp_path / "summary.md").read_text()
+    assert "Reddi et al. 2021" in top
+    assert "Not run yet: mcmahan, fedprox, fedkd, feddf" in top
+
+
 def test_privacy_plot_without_dp_rows_does_not_crash(tmp_path):
     privacy.plot(str(tmp_path), [], [])  # --only secagg,he with no dp results yet
     partial = [{"algorithm": "fedavg", "epsilon": "inf", "student_accuracy": 0.9, "student_calibrated_auc": 0.5}]
