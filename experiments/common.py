@@ -49,6 +49,12 @@ def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def rounds_note(rows: list[dict]) -> str:
+    """"3 rounds" (or "3-5 rounds"): what the runs of ``rows`` really trained, for summaries."""
+    done = sorted({int(r["rounds"]) for r in rows})
+    return f"{done[0]} rounds" if len(done) == 1 else f"{done[0]}-{done[-1]} rounds"
+
+
 def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, results_dir: str | None = None,
              runs_dir: str | None = None, extract: Callable[[list[dict]], dict] | None = None) -> list[dict]:
     """Run every ``(labels, overrides)`` cell; return one row of labels + final metrics per run

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, parse_args, run_grid, seeds_of, summarize  # noqa: E402
+from common import HERE, parse_args, rounds_note, run_grid, seeds_of, summarize  # noqa: E402
 
 NAME = "reproduce"
 STUDIES = ("mcmahan", "fedprox", "reddi", "fedkd", "feddf")
@@ -263,6 +263,8 @@ def main(argv=None):
         rows = run_grid(f"{NAME}-{study}", cells(args), results_dir=os.path.join(out, study),
                         runs_dir=args.runs and os.path.join(args.runs, study), extract=extract)
         lines, holds = report(rows)
+        if args.quick:  # the tables' prose describes the full runs
+            lines[1:1] = ["", f"*Smoke run (`--quick`): {rounds_note(rows)}; the settings below are the full run's.*"]
         verdicts.append((study, holds))
         with open(os.path.join(out, study, "summary.md"), "w") as f:
             f.write("\n".join(lines) + "\n")

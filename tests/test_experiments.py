@@ -51,7 +51,7 @@ def test_reproduce_only_one_study_still_writes_the_top_level_summary(tmp_path, m
     monkeypatch.setattr(reproduce, "run_grid", _fake_grid(lambda labels: {"student_accuracy": 0.8, "rounds": 5}))
     reproduce.main(["--quick", "--only", "reddi", "--results", str(tmp_path)])
     top = (tmp_path / "summary.md").read_text()
-    assert "Reddi et al. 2021" in top
+    assert "Reddi et al. 2021" in top and "Smoke run (`--quick`): 5 rounds" in top
     assert "Not run yet: mcmahan, fedprox, fedkd, feddf" in top
 
 
@@ -60,3 +60,12 @@ def test_privacy_plot_without_dp_rows_does_not_crash(tmp_path):
     partial = [{"algorithm": "fedavg", "epsilon": "inf", "student_accuracy": 0.9, "student_calibrated_auc": 0.5}]
     privacy.plot(str(tmp_path), partial, [])
     assert (tmp_path / "privacy_vs_epsilon.png").exists()
+
+
+def test_temperature_quick_summary_states_the_rounds_it_ran(tmp_path, monkeypatch):
+    monkeypatch.setattr(temperature, "run_grid", _fake_grid(lambda labels: {
+        "student_accuracy": 0.5, "teacher_accuracy_mean": 0.6, "rounds": 3}))
+    monkeypatch.setattr(temperature, "line_plot", lambda *a, **k: None)
+    temperature.main(["--quick", "--results", str(tmp_path)])
+    note = (tmp_path / "summary.md").read_text()
+    assert "3 rounds" in note and "200 rounds" not in note
