@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parse_args, run_grid, seeds_of, summarize, write_markdown  # noqa: E402
+from common import parse_args, rounds_note, run_grid, seeds_of, summarize, write_markdown  # noqa: E402
 from sweep_plot import line_plot  # noqa: E402
 
 BASE = ["algorithm=server_teacher_kd", "data.dataset=digits", "data.partition=dirichlet", "data.num_clients=50",
@@ -35,7 +35,7 @@ def main(argv=None):
     metrics = ["student_accuracy"]
     summary = summarize(rows, ["label_alpha", "mix_alpha"], metrics)
     write_markdown(os.path.join(out, "summary.md"), "Experiment (c): CE/KD mix alpha (server-teacher KD)", summary,
-                   ["label_alpha", "mix_alpha"], metrics, note="digits, 50 clients, T = 2, 200 rounds; mean ± std over seeds.")
+                   ["label_alpha", "mix_alpha"], metrics, note=f"digits, 50 clients, T = 2, {rounds_note(rows)}; mean ± std over seeds.")
     line_plot(summary, "mix_alpha", "student_accuracy", "label_alpha", os.path.join(out, "accuracy_vs_mix.png"))
 
 

@@ -21,13 +21,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=description)
+def parse_args(description: str, argv: Sequence[str] | None = None, *,
+               only: Sequence[str] = ()) -> argparse.Namespace:
+    """The scripts' common options; with ``only`` (the script's parts), also ``--only``,
+    parsed into ``args.only``: the chosen names in the order given (default all)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--quick", action="store_true", help="tiny smoke version (few rounds, one seed)")
     ap.add_argument("--results", default=None, help="results folder (default experiments/results/<name>)")
     ap.add_argument("--runs", default=None, help="folder for the individual runs (default runs/experiments/<name>)")
+    if only:
+        ap.add_argument("--only", default=list(only), type=_names(only), metavar="NAME[,NAME...]",
+                        help=f"run only these parts, comma-separated, from: {', '.join(only)} (default: all)")
     return ap.parse_args(argv)
+
+
+def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"name at least one of: {', '.join(allowed)}")
+        for n in names:
+            if n not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown part {n!r}; choose from: {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def rounds_note(rows: list[dict]) -> str:
+    """"3 rounds" (or "3-5 rounds"): what the runs of ``rows`` really trained, for summaries."""
+    done = sorted({int(r["rounds"]) for r in rows})
+    return f"{done[0]} rounds" if len(done) == 1 else f"{done[0]}-{done[-1]} rounds"
 
 
 def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, results_dir: str | None = None,

@@ -164,15 +164,8 @@ def he_costs(quick: bool) -> list[dict]:
 
 
 def main(argv=None):
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--only", default=",".join(PARTS))
-    known, rest = pre.parse_known_args(argv)
-    parts = [p for p in known.only.split(",") if p]
-    if bad := [p for p in parts if p not in PARTS]:
-        sys.exit(f"privacy.py: error: --only: unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
-    args = parse_args(__doc__, rest)
+    args = parse_args(__doc__, argv, only=PARTS)
+    parts = args.only
     out = args.results or os.path.join(HERE, "results", "privacy")
     runs = args.runs or os.path.join(ROOT, "runs", "experiments", "privacy")
     os.makedirs(out, exist_ok=True)
@@ -271,13 +264,16 @@ def plot(out, rows, leak):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not rows and not leak:  # e.g. --only secagg,he before any dp or leakage run: nothing to plot
+        print(f"no dp or leakage results in {out} yet: privacy_vs_epsilon.png not drawn")
+        return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     xs = list(range(len(EPSILONS)))
     for alg in ("fedavg", "fedkd"):
         acc = [_agg(rows, alg, e, "student_accuracy") for e in EPSILONS]
         auc = [_agg(rows, alg, e, "student_calibrated_auc") for e in EPSILONS]
-        a1.errorbar(xs, [m for m, _ in acc], yerr=[s for _, s in acc], marker="o", capsize=3, label=alg)
-        a2.errorbar(xs, [m for m, _ in auc], yerr=[s for _, s in auc], marker="o", capsize=3, label=f"{alg} student")
+        _errorbar(a1, xs, acc, label=alg)
+        _errorbar(a2, xs, auc, label=f"{alg} student")
     if leak:
         by = {str(r["epsilon"]): float(r["student_calibrated_auc"]) for r in leak}
         a2.plot(xs, [by.get(e) for e in EPSILONS], marker="s", label="fedavg, overfit (MNIST-5k, 50 clients)")
@@ -286,10 +282,20 @@ def plot(out, rows, leak):
         ax.set_xlabel("epsilon (delta 1e-5)")
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     a2.axhline(0.5, color="gray", lw=0.8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "privacy_vs_epsilon.png"), dpi=120)
+    plt.close(fig)
+
+
+def _errorbar(ax, xs, aggs, *, label):
+    """Mean ± std at the epsilons that have runs (a cell without runs is left out, not None)."""
+    pts = [(x, m, s) for x, (m, s) in zip(xs, aggs) if m is not None]
+    if pts:
+        x, m, s = zip(*pts)
+        ax.errorbar(x, m, yerr=s, marker="o", capsize=3, label=label)
 
 
 if __name__ == "__main__":

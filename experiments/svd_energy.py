@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parse_args, run_grid, seeds_of, summarize, write_markdown  # noqa: E402
+from common import parse_args, rounds_note, run_grid, seeds_of, summarize, write_markdown  # noqa: E402
 
 BASE = ["algorithm=fedkd", "data.dataset=mnist5k", "data.partition=dirichlet", "data.alpha=0.5", "data.num_clients=50",
         "run.cohort_size=10", "model.hidden=[100]", "distill.teacher_hidden=[200,200]"]
@@ -43,7 +43,7 @@ def main(argv=None):
         s["compression_x"] = (full / s["total_bytes_up"]) if full else None
         s["compression_x_std"] = 0.0
     write_markdown(os.path.join(out, "summary.md"), "Experiment (d): SVD energy schedule (FedKD)", summary, ["schedule"],
-                   metrics + ["compression_x"], note="MNIST-5k, 50 clients, Dirichlet(0.5), 100 rounds; compression_x = "
+                   metrics + ["compression_x"], note=f"MNIST-5k, 50 clients, Dirichlet(0.5), {rounds_note(rows)}; compression_x = "
                    "uncompressed upload bytes / this schedule's upload bytes. Mean ± std over seeds.")
     import matplotlib
 

@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parse_args, run_grid, seeds_of, summarize, write_markdown  # noqa: E402
+from common import parse_args, rounds_note, run_grid, seeds_of, summarize, write_markdown  # noqa: E402
 from sweep_plot import line_plot  # noqa: E402
 
 BASE = ["data.dataset=digits", "data.partition=dirichlet", "data.alpha=0.5", "data.num_clients=50",
@@ -34,7 +34,7 @@ def main(argv=None):
     metrics = ["student_accuracy", "teacher_accuracy_mean"]
     summary = summarize(rows, ["algorithm", "temperature"], metrics)
     write_markdown(os.path.join(out, "summary.md"), "Experiment (b): distillation temperature", summary,
-                   ["algorithm", "temperature"], metrics, note="digits, 50 clients, Dirichlet(0.5), 200 rounds; mean ± std over seeds.")
+                   ["algorithm", "temperature"], metrics, note=f"digits, 50 clients, Dirichlet(0.5), {rounds_note(rows)}; mean ± std over seeds.")
     line_plot(summary, "temperature", "student_accuracy", "algorithm", os.path.join(out, "accuracy_vs_temperature.png"), logx=True)
 
 

@@ -40,8 +40,15 @@ def _user_chose_device_count() -> bool:
     return int(jax.config.jax_num_cpu_devices) != -1
 
 
-def configure_cpu_devices(num_devices: int | None = None) -> int | None:
-    """Expose ``num_devices`` CPU devices (default: ``FEDKD_CPU_DEVICES`` or the core count).
+def all_devices(num_devices: int | str | None) -> int | None:
+    """A device count as given in ``run.devices``: ``"all"`` is ``None`` (every device)."""
+    if isinstance(num_devices, str) and num_devices.strip().lower() == "all":
+        return None
+    return num_devices
+
+
+def configure_cpu_devices(num_devices: int | str | None = None) -> int | None:
+    """Expose ``num_devices`` CPU devices (default, or ``"all"``: ``FEDKD_CPU_DEVICES`` or the core count).
 
     Without an explicit count this defers to a count the user already chose
     (``jax_num_cpu_devices`` or ``XLA_FLAGS``). Once JAX's backends have
@@ -50,6 +57,7 @@ def configure_cpu_devices(num_devices: int | None = None) -> int | None:
     Returns:
       The count now requested, or ``None`` if left unchanged.
     """
+    num_devices = all_devices(num_devices)
     if num_devices is None:
         if _user_chose_device_count():
             return None

@@ -53,10 +53,11 @@ def run(config=None, out: str | None = None, *, progress: bool = False) -> Resul
       out: the run directory (default ``runs/<algorithm>-<dataset>-<time>``).
     """
     from fedkd_jax.runner import run_experiment
+    from fedkd_jax.config import devices_value
     from fedkd_jax.sweeps import as_config
 
     cfg = as_config(config)
-    configure_cpu_devices(cfg.run.devices)
+    configure_cpu_devices(devices_value(cfg.run.devices))
     out = out or _default_out("", cfg)
     res = run_experiment(cfg, out, progress=progress)
     return Result(res.rows, res.final, res.state, res.run_dir, res.rounds, res.seconds, res.notes)
@@ -75,8 +76,9 @@ def sweep(config=None, grid: dict[str, Sequence[Any]] | Sequence[str] = (), seed
     Returns:
       a :class:`~fedkd_jax.sweeps.SweepResult` (``rows``, ``summary``, ``to_pandas()``).
     """
+    from fedkd_jax.config import devices_value
     from fedkd_jax.sweeps import as_config, run_sweep
 
     cfg = as_config(config)
-    configure_cpu_devices(cfg.run.devices)
+    configure_cpu_devices(devices_value(cfg.run.devices))
     return run_sweep(cfg, grid, seeds, out or _default_out("sweep-", cfg), progress=progress)

@@ -159,13 +159,13 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
 
     import jax
 
-    from fedkd_jax.config import group_size_value
+    from fedkd_jax.config import devices_value, group_size_value
     from fedkd_jax.engine import Simulator, client_mesh
     from fedkd_jax.engine.cohort import poisson_capacity
     from fedkd_jax.store import choose_store, state_bytes
 
     r = cfg.run
-    mesh = client_mesh(r.devices) if mesh is None else mesh
+    mesh = client_mesh(devices_value(r.devices)) if mesh is None else mesh
     devices = int(mesh.shape["clients"])
     group = group_size_value(r.group_size) or auto_group_size(math.ceil(r.cohort_size / devices))
     store = "device"
@@ -195,7 +195,7 @@ def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
     import math
 
     from fedkd_jax.aggregation import chain, compress, mean
-    from fedkd_jax.config import count_noise, dp_enabled, max_clip_norm, secagg_threshold
+    from fedkd_jax.config import count_noise, dp_enabled, frac_bits_value, max_clip_norm, secagg_threshold
     from fedkd_jax.privacy import choose_fraction_bits, gaussian, secure_aggregation
 
     p, a = cfg.privacy, cfg.secagg
@@ -223,7 +223,7 @@ def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
         # the ring must hold the largest norm the run can reach: the adaptive norm's cap
         bound = cap if (p.adaptive_quantile is not None and math.isfinite(cap)) else p.clip_norm
         frac = choose_fraction_bits(a.bits, clip_norm=bound, max_weight=max_w, max_clients=capacity,
-                                    frac_bits=a.frac_bits)
+                                    frac_bits=frac_bits_value(a.frac_bits))
         steps.append(secure_aggregation(bits=a.bits, frac_bits=frac, num_clients=data.num_clients,
                                         dropout_rate=a.dropout_rate, threshold=secagg_threshold(cfg)))
     return chain(*steps)

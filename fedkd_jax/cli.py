@@ -109,7 +109,7 @@ def _calibrate(args) -> int:
 
 def _sweep(args) -> int:
     from fedkd_jax import configure_cpu_devices
-    from fedkd_jax.config import load_config
+    from fedkd_jax.config import devices_value, load_config
     from fedkd_jax.errors import FedKDError
 
     try:
@@ -119,7 +119,7 @@ def _sweep(args) -> int:
 
             raise ConfigError("--seeds", f"must be a positive integer; got {args.seeds}")
         out = args.out or os.path.join("runs", f"sweep-{cfg.algorithm}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        configure_cpu_devices(cfg.run.devices)
+        configure_cpu_devices(devices_value(cfg.run.devices))
         from fedkd_jax.sweeps import run_sweep
 
         res = run_sweep(cfg, args.grid, args.seeds, out, progress=not args.no_progress and cfg.run.progress)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args)
     # Import after parsing so `fedkd --help` is fast; importing fedkd_jax does not start JAX.
     from fedkd_jax import configure_cpu_devices, distributed
-    from fedkd_jax.config import load_config
+    from fedkd_jax.config import devices_value, load_config
     from fedkd_jax.errors import FedKDError
     from fedkd_jax.paths import check_run_dir, check_writable_dir
     from fedkd_jax.runner import run_experiment
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_dir("--out" if args.command == "run" else "run_dir", out)
         joining = bool(os.environ.get(distributed.ENV_COORDINATOR)) or distributed.cluster_detected()
         # In a multi-process job each process exposes its own cores; run.devices sizes the global mesh.
-        configure_cpu_devices(None if joining else cfg.run.devices)
+        configure_cpu_devices(None if joining else devices_value(cfg.run.devices))
         joined = distributed.initialize()
         try:
             result = run_experiment(cfg, out, progress=not args.no_progress and cfg.run.progress)

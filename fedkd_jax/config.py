@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -130,7 +130,7 @@ class SecAggConfig:
     dropout_rate: float = 0.0  # share of the cohort dropping after masking
     threshold: Optional[int] = None  # survivors needed to unmask (default: a majority of the cohort); fewer: empty round
     bits: int = 32  # the ring Z_(2^bits)
-    frac_bits: Optional[int] = None  # fixed-point scale 2^frac_bits (default: the finest that cannot overflow)
+    frac_bits: Optional[Union[int, str]] = "auto"  # fixed-point scale 2^frac_bits: auto (the finest that cannot overflow) or an integer >= 0
 
 
 @dataclass
@@ -142,7 +142,7 @@ class RunConfig:
     rounds_per_dispatch: int = 10  # rounds compiled into one lax.scan dispatch
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
-    devices: Optional[int] = None  # devices on the clients mesh (default: all; CPU: one per core)
+    devices: Optional[Union[int, str]] = "all"  # devices on the clients mesh: all (CPU: one per core) or an integer
     group_size: str = "auto"  # clients vmapped together per device: auto (1 on CPU, wider on GPU/TPU) or an integer
     runs_per_device: str = "auto"  # sweeps: runs vmapped together per device: auto (1 on CPU, by memory on GPU/TPU) or an integer
     progress: bool = True
@@ -181,19 +181,62 @@ def downlink_method(cfg: Config) -> str:
     return (compression_method(cfg) if cfg.algorithm == "fedkd" else "none") if m == "auto" else m
 
 
+def count_value(value: str | int | None, field: str, *, word: str = "auto", least: int = 1) -> int | None:
+    """A setting that is ``word`` (``auto``, ``all``) or an integer ``>= least``, as
+    that integer, or ``None`` for ``word``. ``None`` (what older configs wrote for
+    the default) also means ``word``.
+
+    Raises:
+      ConfigError: naming ``field`` and what it accepts.
+    """
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == word:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(field, f"{_allowed(word, least)}; got {value!r}") from None
+    if n < least:
+        raise ConfigError(field, f"{_allowed(word, least)}; got {value!r}")
+    return n
+
+
+def _allowed(word: str, least: int) -> str:
+    return f"must be '{word}' or " + ("a positive integer" if least == 1 else f"an integer >= {least}")
+
+
 def group_size_value(value: str | int, field: str = "run.group_size") -> int | None:
     """``run.group_size`` (or another ``auto``-or-count setting named ``field``) as an
     integer, or ``None`` for ``auto``."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return None
-    try:
-        g = int(text)
-    except ValueError:
-        raise ConfigError(field, f"must be 'auto' or a positive integer; got {value!r}") from None
-    if g < 1:
+    if value is None:
         raise ConfigError(field, f"must be 'auto' or a positive integer; got {value!r}")
-    return g
+    return count_value(value, field)
+
+
+def devices_value(value: str | int | None) -> int | None:
+    """``run.devices`` as a count, or ``None`` for ``all``."""
+    return count_value(value, "run.devices", word="all")
+
+
+def frac_bits_value(value: str | int | None) -> int | None:
+    """``secagg.frac_bits`` as an integer, or ``None`` for ``auto`` (the finest scale
+    that cannot overflow)."""
+    return count_value(value, "secagg.frac_bits", least=0)
+
+
+# Word-or-integer settings: (section, key, word, least integer). Older configs
+# (and saved runs) wrote null for their default; it loads as the word.
+_WORD_OR_COUNT = (("run", "devices", "all", 1), ("secagg", "frac_bits", "auto", 0))
+
+
+def _null_as_word(cfg: Config) -> Config:
+    for section, key, word, _ in _WORD_OR_COUNT:
+        sub = getattr(cfg, section)
+        if getattr(sub, key) is None:
+            setattr(sub, key, word)
+    return cfg
 
 
 def sampling_method(cfg: Config) -> str:
@@ -227,6 +270,9 @@ def _key_error(e: OmegaConfBaseException) -> ConfigError:
             return ConfigError(key, f"unknown key; allowed keys in '{section}': {', '.join(sections[section])}")
         return ConfigError(key, f"unknown key; allowed top-level keys: algorithm, {', '.join(sections)}")
     msg = str(e).splitlines()[0]
+    for section, name, word, least in _WORD_OR_COUNT:  # a float or bool: say what the key takes
+        if key == f"{section}.{name}":
+            return ConfigError(key, f"{_allowed(word, least)}; {msg}")
     return ConfigError(key, msg)
 
 
@@ -257,7 +303,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base:
                 raise ConfigError("--set", f"expected section.key=value; got {item!r}")
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        obj = OmegaConf.to_object(cfg)
+        obj = _null_as_word(OmegaConf.to_object(cfg))
     except OmegaConfBaseException as e:
         raise _key_error(e) from None
     validate(obj)
@@ -270,7 +316,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> Config:
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
+        return _null_as_word(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))))
     except OmegaConfBaseException as e:
         raise _key_error(e) from None
 

@@ -15,7 +15,8 @@ from typing import Sequence
 from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from fedkd_jax.aggregation import WEIGHTINGS
 from fedkd_jax.compression import COMPRESSIONS
-from fedkd_jax.config import Config, count_noise, dp_enabled, group_size_value, sampling_method, secagg_threshold
+from fedkd_jax.config import (Config, count_noise, devices_value, dp_enabled, frac_bits_value, group_size_value,
+                              sampling_method, secagg_threshold)
 from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
 from fedkd_jax.engine.simulator import STRAGGLER_MODES
 from fedkd_jax.errors import ConfigError
@@ -82,6 +83,7 @@ def _validate_privacy(cfg: Config) -> None:
         raise ConfigError("secagg.dropout_rate", f"must be in [0, 1); got {a.dropout_rate}")
     if not 8 <= a.bits <= 32:
         raise ConfigError("secagg.bits", f"must be in [8, 32]; got {a.bits}")
+    frac_bits_value(a.frac_bits)
     if a.enabled:
         if cfg.algorithm in ("feddf", "server_teacher_kd"):
             raise ConfigError("secagg.enabled", f"{cfg.algorithm} distils the ensemble of each client's model on the "
@@ -212,7 +214,7 @@ def validate(cfg: Config) -> None:
     _positive("run.rounds_per_dispatch", r.rounds_per_dispatch, integer=True)
     _positive("run.checkpoint_every", r.checkpoint_every, integer=True)
     _positive("run.keep_checkpoints", r.keep_checkpoints, integer=True)
-    _positive("run.devices", r.devices, integer=True, allow_none=True)
+    devices_value(r.devices)
     group_size_value(r.group_size)
     group_size_value(r.runs_per_device, "run.runs_per_device")
     _choice("run.client_store", r.client_store, STORES)

@@ -31,6 +31,11 @@ from fedkd_jax.runner import run_experiment
         ("algorithm=fedsgd", "algorithm", "fedavg"),
         ("server.optimizer=sgd", "server.optimizer", "fedavg, fedavgm, fedadam, fedyogi"),
         ("model.kind=resnet", "model.kind", "mlp, cnn"),
+        ("run.devices=foo", "run.devices", "must be 'all' or a positive integer"),
+        ("run.devices=0", "run.devices", "must be 'all' or a positive integer"),
+        ("run.devices=2.5", "run.devices", "must be 'all' or a positive integer"),
+        ("secagg.frac_bits=fine", "secagg.frac_bits", "must be 'auto' or an integer >= 0"),
+        ("secagg.frac_bits=-1", "secagg.frac_bits", "must be 'auto' or an integer >= 0"),
     ],
 )
 def test_config_errors_name_field_and_allowed_values(override, field, words):
@@ -38,6 +43,25 @@ def test_config_errors_name_field_and_allowed_values(override, field, words):
         load_config(None, [override])
     assert e.value.field == field
     assert words in str(e.value)
+
+
+def test_documented_word_defaults_and_old_nulls_are_accepted(tmp_path):
+    """The README's defaults ``run.devices=all`` and ``secagg.frac_bits=auto`` can be
+    written out; integers stay integers; null (older configs) loads as the word."""
+    from fedkd_jax.config import devices_value, frac_bits_value, from_dict, to_dict
+
+    cfg = load_config(None, ["run.devices=all", "secagg.frac_bits=auto"])
+    assert (cfg.run.devices, cfg.secagg.frac_bits) == ("all", "auto")
+    assert devices_value(cfg.run.devices) is None and frac_bits_value(cfg.secagg.frac_bits) is None
+    cfg = load_config(None, ["run.devices=2", "secagg.frac_bits=0"])
+    assert (cfg.run.devices, cfg.secagg.frac_bits) == (2, 0)
+    assert to_dict(cfg)["run"]["devices"] == 2
+    old = to_dict(load_config(None, []))
+    old["run"]["devices"], old["secagg"]["frac_bits"] = None, None
+    assert (from_dict(old).run.devices, from_dict(old).secagg.frac_bits) == ("all", "auto")
+    path = tmp_path / "old.yaml"
+    path.write_text("run:\n  devices: null\nsecagg:\n  frac_bits: null\n")
+    assert load_config(str(path)).run.devices == "all"
 
 
 def _npz(tmp_path, x, y, **extra):

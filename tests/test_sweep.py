@@ -168,3 +168,23 @@ def test_auto_runs_per_device_is_one_on_cpu_and_fills_accelerator_memory(tmp_pat
     for budget, want in ((None, spread), (10**15, spread), (2 * need, 1)):
         monkeypatch.setattr(L, "device_memory_bytes", lambda b=budget: b)
         assert L._auto_runs_per_device(runs, str(tmp_path)) == want, budget
+
+
+def test_summary_keeps_swept_values_as_numbers_like_summary_csv(tmp_path):
+    """``SweepResult.summary`` holds the swept values typed as in the config (summary.csv's numbers), not strings."""
+    from types import SimpleNamespace
+
+    from fedkd_jax.sweeps.grid import expand, parse_grid
+    from fedkd_jax.sweeps.report import write_outputs
+
+    base = load_config_dict(_base("fedavg"))
+    grid = parse_grid({"client.lr": [0.05, 0.2], "client.local_epochs": [1, 2], "client.optimizer": ["sgd", "adam"]},
+                      base)
+    runs = expand(base, grid, [0, 1])
+    done = [(r, SimpleNamespace(rows=[{"round": 1, "test_accuracy": 0.5}], final={"test_accuracy": 0.5}))
+            for r in runs]
+    res = write_outputs(str(tmp_path), list(grid), done, interrupted=False, write=False)
+    assert len(res.summary) == 8 and all(s["seeds"] == 2 for s in res.summary)
+    first = res.summary[0]
+    assert (first["client.lr"], first["client.local_epochs"], first["client.optimizer"]) == (0.05, 1, "sgd")
+    assert type(first["client.lr"]) is float and type(first["client.local_epochs"]) is int

@@ -57,7 +57,12 @@ def _check_same_sweep(out_dir: str, record: dict) -> None:
             saved = json.load(f)
 
         def fixed(rec: dict) -> dict:  # settings that may change on resume (cadences, batching) do not count
-            base = {k: v for k, v in flatten(rec.get("base", {})).items() if k not in RESUMABLE_KEYS}
+            base = rec.get("base", {})
+            try:  # read through the config types: older versions stored some defaults as null
+                base = to_dict(from_dict(base))
+            except ConfigError:
+                pass
+            base = {k: v for k, v in flatten(base).items() if k not in RESUMABLE_KEYS}
             return dict(rec, base=base)
 
         if fixed(saved) != fixed(record):

@@ -73,8 +73,8 @@ def write_outputs(out_dir: str, keys: list[str], done_runs: list, *, interrupted
     for run in runs:
         groups.setdefault(tuple(str(run[k]) for k in keys), []).append(run)
     summary = []
-    for point, members in groups.items():
-        s = dict(zip(keys, point))
+    for members in groups.values():
+        s = {k: members[0][k] for k in keys}  # the values as swept (numbers stay numbers, as in summary.csv)
         s["seeds"] = len(members)
         for m in FINAL_METRICS:
             vals = [r["result"].final.get(m) for r in members if _finite(r["result"].final.get(m))]
