@@ -10,6 +10,7 @@ from fedkd_jax.config import Config, compression_method, downlink_method
 from fedkd_jax.data import FederatedData, federate, load_dataset, load_proxy
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import Model, make_model
+from fedkd_jax.plan import privacy_delta, privacy_setup  # noqa: F401 - privacy_delta re-exported
 
 
 def build_data(cfg: Config) -> FederatedData:
@@ -185,11 +186,6 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
                      build=build)
 
 
-def privacy_delta(cfg: Config, num_clients: int) -> float:
-    """``privacy.delta``, or ``min(1e-5, 1/N)``."""
-    return cfg.privacy.delta if cfg.privacy.delta is not None else min(1e-5, 1.0 / num_clients)
-
-
 def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
     """The aggregation chain of ``cfg``: [compress] -> mean -> [DP clip + noise] -> [secure aggregation]."""
     import math
@@ -245,8 +241,6 @@ def resolve(cfg: Config, *, out_dir: str) -> Resolved:
 
     The one place that maps names to parts (through the registries above).
     """
-    from fedkd_jax.runner.context import privacy_setup
-
     data = build_data(cfg)
     cfg, accountant = privacy_setup(cfg, data.num_clients)
     model = build_model(cfg, data)

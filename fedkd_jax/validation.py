@@ -10,19 +10,29 @@ the algorithms that use them, ...) live here too.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from fedkd_jax.aggregation import WEIGHTINGS
 from fedkd_jax.compression import COMPRESSIONS
-from fedkd_jax.config import (Config, count_noise, devices_value, dp_enabled, frac_bits_value, group_size_value,
-                              sampling_method, secagg_threshold)
+from fedkd_jax.settings import (
+    count_noise,
+    devices_value,
+    dp_enabled,
+    frac_bits_value,
+    group_size_value,
+    sampling_method,
+    secagg_threshold,
+)
 from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
 from fedkd_jax.engine.simulator import STRAGGLER_MODES
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
 from fedkd_jax.paths import check_npz
 from fedkd_jax.store import STORES
+
+if TYPE_CHECKING:  # the schema imports this module (config.validate); this one needs only its type
+    from fedkd_jax.config import Config
 
 
 MAX_DELTA = 0.1  # a larger delta is no privacy guarantee at all

@@ -27,9 +27,8 @@ def _base(algorithm, **extra):
     return cfg
 
 
+# fedavg / fedprox grids are drawn by the property test in tests/test_plan.py
 @pytest.mark.parametrize("algorithm, key, values, per_device", [
-    ("fedavg", "client.lr", [0.05, 0.2], 1),
-    ("fedprox", "fedprox.mu", [0.0, 1.0], 1),
     ("fedkd", "distill.temperature", [1.0, 3.0], 2),  # both runs vmapped on one position of the runs axis
 ])
 def test_each_batched_run_equals_its_single_run(tmp_path, algorithm, key, values, per_device):

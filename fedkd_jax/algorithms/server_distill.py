@@ -17,8 +17,11 @@ from fedkd_jax.losses import kd_loss
 from fedkd_jax.models import Model
 
 
-def check_proxy(proxy_x: Any, model: Model, algorithm: str) -> jax.Array:
-    """A ``[P, D]`` float proxy set matching the model's input width, or a clear error."""
+def check_proxy(proxy_x: Any, model: Model, algorithm: str) -> np.ndarray:
+    """A ``[P, D]`` float proxy set matching the model's input width, or a clear error.
+
+    A host (numpy) array: the algorithm may be built inside a trace (a sweep's traced
+    hyperparameters), where a ``jnp`` array would be a tracer and could not become server data."""
     shape = tuple(np.shape(proxy_x))
     if len(shape) != 2 or shape[0] < 1:
         raise ConfigError("data.proxy_fraction", f"{algorithm} needs a non-empty proxy set [P, D]; got shape {shape}")
@@ -27,7 +30,7 @@ def check_proxy(proxy_x: Any, model: Model, algorithm: str) -> jax.Array:
             "data.proxy_fraction",
             f"{algorithm}: proxy set has {shape[1]} features per row but the model takes {model.in_features}",
         )
-    return jnp.asarray(proxy_x, jnp.float32)
+    return np.asarray(proxy_x, np.float32)
 
 
 def proxy_logits(apply: Callable, params: Any, proxy_x: jax.Array) -> jax.Array:

@@ -119,7 +119,8 @@ def server_teacher_kd(
         def step(carry, s):
             p, st = carry
             idx, mask = pass_batches(key, s, proxy.shape[0], distill_batch_size)
-            g = jax.grad(lambda q: cross_entropy(teacher.apply(q, proxy[idx])[0], labels[idx], where=mask)[0])(p)
+            g = jax.grad(lambda q: cross_entropy(teacher.apply(q, jnp.asarray(proxy)[idx])[0], labels[idx],
+                                                 where=mask)[0])(p)
             u, st = opt.update(g, st, p)
             return (optax.apply_updates(p, u), st), None
 

@@ -23,6 +23,7 @@ from fedkd_jax import distributed
 from fedkd_jax.config import Config, to_dict, to_yaml
 from fedkd_jax.engine import Simulator, eval_clients, make_evaluator, make_personal_evaluator, summarize_clients
 from fedkd_jax.errors import CheckpointError
+from fedkd_jax.plan import privacy_setup  # noqa: F401 - re-exported (resolved in the plan)
 from fedkd_jax.runner.checkpoint import Checkpointer
 from fedkd_jax.runner.client_store import IntegrityError
 from fedkd_jax.runner.outputs import MetricsLog, plot_accuracy
@@ -266,43 +267,3 @@ def resolve_run(cfg: Config, previous: Config | None) -> Config:
             p = dataclasses.replace(p, delta=previous.privacy.delta)
         cfg = dataclasses.replace(cfg, privacy=p)
     return cfg
-
-
-def privacy_setup(cfg: Config, num_clients: int):
-    """Resolve DP settings that need the population (delta, calibrated noise); the accountant.
-
-    Raises (before anything is compiled) when the settings cannot give what they ask
-    for: a calibrated noise that leaves adaptive clipping no budget, or a target
-    epsilon that not even one round fits. Warns when delta exceeds 1/N."""
-    import warnings
-
-    from fedkd_jax.builders import privacy_delta
-    from fedkd_jax.config import count_noise, dp_enabled, sampling_method
-    from fedkd_jax.errors import ConfigError
-    from fedkd_jax.privacy import Accountant, Mechanism, calibrate
-    from fedkd_jax.privacy.dp import check_count_budget
-
-    if not dp_enabled(cfg):
-        return cfg, None
-    p = cfg.privacy
-    sampling = sampling_method(cfg)
-    delta = privacy_delta(cfg, num_clients)
-    if delta > 1.0 / num_clients:
-        warnings.warn(f"privacy.delta={delta:g} is above 1/N = {1 / num_clients:.3g}: a mechanism that reveals one "
-                      f"client outright would still meet it; the usual choice is min(1e-5, 1/N) "
-                      f"= {min(1e-5, 1 / num_clients):.3g} (the default)", stacklevel=2)
-    z = p.noise_multiplier
-    if z is None:
-        z = calibrate(p.target_epsilon, delta, rounds=cfg.run.rounds, cohort_size=cfg.run.cohort_size,
-                      num_clients=num_clients, sampling=sampling, accountant=p.accountant)
-    if p.adaptive_quantile is not None:
-        check_count_budget(float(z), count_noise(cfg))
-    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=float(z), delta=float(delta),
-                                                               sampling=sampling))
-    accountant = Accountant(Mechanism(float(z), num_clients, cfg.run.cohort_size, sampling), delta, kind=p.accountant)
-    if p.target_epsilon is not None and accountant.epsilon_at(1) > p.target_epsilon:
-        raise ConfigError("privacy.target_epsilon", f"not even one round fits: one round with noise multiplier {z:g} "
-                                                    f"costs epsilon {accountant.epsilon_at(1):.4g} at delta {delta:g} "
-                                                    f"> {p.target_epsilon:g}; raise the target or "
-                                                    "privacy.noise_multiplier (or leave it unset to calibrate it)")
-    return cfg, accountant

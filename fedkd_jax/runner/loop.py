@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from fedkd_jax import distributed
 from fedkd_jax.builders import resolve
-from fedkd_jax.config import Config, resolve_defaults, validate
+from fedkd_jax.config import Config
+from fedkd_jax.plan import resolve_config
 from fedkd_jax.engine import fetch
 from fedkd_jax.engine.cohort import key_bits
 from fedkd_jax.errors import ConfigError
@@ -67,9 +68,8 @@ def prepare(cfg: Config, out_dir: str) -> tuple[Config, Config | None]:
 
     Raises before anything is built, compiled or written.
     """
-    validate(cfg)
+    cfg = resolve_config(cfg)  # one resolution per run: validated, every dependent default filled
     check_writable_dir("--out", out_dir)
-    cfg = resolve_defaults(cfg)
     previous = saved_config(out_dir)
     cfg = resolve_run(cfg, previous)
     if previous is not None:

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from fedkd_jax.config import Config, from_dict, to_dict
+from fedkd_jax.config import Config, flatten, from_dict, to_dict  # noqa: F401 - flatten re-exported
 from fedkd_jax.errors import ConfigError
 
 # Settings that change neither parameters nor the metrics a round produces:
@@ -29,17 +29,6 @@ RESUMABLE_KEYS = {
     "run.memory_budget_gb",
     "run.store_dir",
 }
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def saved_config(run_dir: str) -> Config | None:

@@ -1,6 +1,6 @@
 """Sweep grids: which settings can share a compiled program, and how runs are grouped.
 
-Three kinds of setting, decided here once for every config key:
+Three kinds of setting, decided once for every config key in :mod:`fedkd_jax.plan`:
 
 * **traced** (:data:`TRACED`): values that change no array shape (learning
   rates, momentum, temperature, alpha, mu, straggler share, SVD energies, the
@@ -25,19 +25,10 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedkd_jax.config import Config, from_dict, to_dict, validate
+from fedkd_jax.config import Config, flatten, from_dict, to_dict
 from fedkd_jax.errors import ConfigError
-from fedkd_jax.runner.resume import flatten
+from fedkd_jax.plan import HOST, TRACED, resolve_config, static_part, traced_part  # noqa: F401 - re-exported
 
-TRACED = (
-    "client.lr", "client.momentum", "client.straggler_fraction",
-    "server.lr", "server.momentum", "server.b1", "server.b2", "server.tau",
-    "distill.temperature", "distill.alpha", "distill.teacher_lr", "distill.server_lr",
-    "fedprox.mu", "compression.energy_start", "compression.energy_end",
-    "privacy.noise_multiplier", "privacy.clip_norm",
-)
-HOST = ("run.seed", "data.alpha", "data.shards_per_client", "data.min_examples", "data.test_fraction",
-        "data.partition", "privacy.delta")
 UNSWEEPABLE = {
     "run.rounds": "every run of a sweep advances through the same rounds (sweep it with separate sweeps)",
     "run.eval_every": "the runs share one loop and its cadences",
@@ -129,9 +120,8 @@ def expand(base: Config, grid: dict[str, list[Any]], seeds: Sequence[int]) -> li
                 else:
                     d[section] = v
             d["run"]["seed"] = int(seed)
-            cfg = from_dict(d)
-            try:
-                validate(cfg)
+            try:  # each run resolved on its own values (an optimizer's defaults follow the optimizer)
+                cfg = resolve_config(from_dict(d))
             except ConfigError as e:
                 raise ConfigError(e.field, f"{e.message} (in the run {dict(zip(keys, combo))}, seed {seed})") from None
             runs.append(RunSpec(len(runs), tuple(zip(keys, combo)), int(seed), cfg))
@@ -139,14 +129,8 @@ def expand(base: Config, grid: dict[str, list[Any]], seeds: Sequence[int]) -> li
 
 
 def static_signature(cfg: Config) -> tuple:
-    """What must be equal for runs to share one compiled program.
-
-    Algorithms that hold server data derived from the partition (FedDF's and
-    server-teacher KD's proxy set) also group by seed and partition.
-    """
-    flat = flatten(to_dict(cfg))
-    host = () if cfg.algorithm in ("feddf", "server_teacher_kd") else HOST
-    return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in TRACED and k not in host))
+    """What must be equal for runs to share one compiled program: the plan's static part."""
+    return static_part(cfg)
 
 
 def group(runs: Sequence[RunSpec]) -> list[list[RunSpec]]:
@@ -158,9 +142,8 @@ def group(runs: Sequence[RunSpec]) -> list[list[RunSpec]]:
 
 
 def hparams(cfg: Config) -> dict[str, float]:
-    """The traced settings of one run (floats; unset optional values stay out)."""
-    flat = flatten(to_dict(cfg))
-    return {k: float(flat[k]) for k in TRACED if flat.get(k) is not None}
+    """The traced settings of one run: the plan's traced part."""
+    return traced_part(cfg)
 
 
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:

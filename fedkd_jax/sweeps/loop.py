@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from fedkd_jax import distributed
 from fedkd_jax.builders import build_aggregator, build_algorithm, build_compressor, build_data, build_model
-from fedkd_jax.config import Config, from_dict, group_size_value, load_config, resolve_defaults, to_dict, validate
+from fedkd_jax.config import Config, from_dict, group_size_value, load_config, to_dict, validate
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.paths import check_writable_dir
-from fedkd_jax.runner.context import RunContext, privacy_setup
+from fedkd_jax.plan import data_identity, privacy_setup
+from fedkd_jax.runner.context import RunContext
 from fedkd_jax.runner.loop import StopFlag, prepare
 from fedkd_jax.runner.resume import RESUMABLE_KEYS, flatten
+from fedkd_jax.settings import sampling_method
 from fedkd_jax.sweeps.engine import BatchedRuns, auto_runs_per_device, device_memory_bytes, per_run_bytes, sweep_mesh
 from fedkd_jax.sweeps.grid import RunSpec, expand, group, hparams, parse_grid, with_values
 from fedkd_jax.sweeps.report import SweepResult, write_outputs
@@ -102,13 +104,21 @@ def _builder(cfg: Config, model, data, capacity: int):
     return build
 
 
+def _by_data(built: list) -> list[list]:
+    """``(spec, cfg, data, accountant)`` entries split by :func:`~fedkd_jax.plan.data_identity`."""
+    out: dict[str, list] = {}
+    for entry in built:
+        out.setdefault(data_identity(entry[2], entry[1]), []).append(entry)
+    return list(out.values())
+
+
 def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str, Sequence[Any]],
               seeds: Sequence[int] | int, out_dir: str, *, progress: bool = True) -> SweepResult:
     """Run (or resume) a sweep. ``seeds``: a list of seeds, or a count (0..n-1)."""
     from fedkd_jax.builders import build_simulator
     from fedkd_jax.engine.cohort import poisson_capacity
 
-    base = resolve_defaults(as_config(config))
+    base = as_config(config)  # each run's defaults are resolved on its own values (expand)
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     check_writable_dir("--out", out_dir)
     g = parse_grid(grid, base)
@@ -139,74 +149,84 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
     interrupted = False
     try:
         with StopFlag() as stop:
-            for gr in groups:
+            for gr0 in groups:
                 if interrupted:
                     break
-                rpd = group_size_value(gr[0].config.run.runs_per_device, "run.runs_per_device")
-                if rpd is None:
-                    rpd = _auto_runs_per_device(gr, by_index[gr[0].index][0])
-                    mesh = sweep_mesh(len(gr), runs_per_device=rpd)
-                    # the runs axis is a divisor of the device count: spread the runs over its positions
-                    rpd = min(rpd, -(-len(gr) // mesh.shape["runs"]))
-                else:
-                    mesh = sweep_mesh(len(gr), runs_per_device=rpd)
-                built = []
-                for spec in gr:
+                built_all = []
+                for spec in gr0:
                     cfg = spec.config
                     data = build_data(cfg)
                     cfg, accountant = privacy_setup(cfg, data.num_clients)
-                    built.append((spec, cfg, data, accountant))
-                width = max(d.max_examples for _, _, d, _ in built)
-                ctxs, sims = [], []
-                # one model and one (static) algorithm for the group: their jitted helpers
-                # (initialisers, evaluators) compile once; each run's values are traced
-                model = build_model(built[0][1], built[0][2])
-                shared = build_algorithm(built[0][1], model, built[0][2])
-                for spec, cfg, data, accountant in built:
-                    alg = shared if not jax.tree.leaves(shared.server_data) else build_algorithm(cfg, model, data)
-                    cap = (poisson_capacity(data.num_clients, cfg.run.cohort_size)
-                           if cfg.privacy.sampling == "poisson" else cfg.run.cohort_size)
-                    run_dir, previous = by_index[spec.index]
-                    sim = build_simulator(cfg, data, alg, out_dir=run_dir, mesh=mesh, max_examples=width,
-                                          build=_builder(cfg, model, data, cap))
-                    ctxs.append(RunContext(cfg, run_dir, sim, accountant, resuming=previous is not None))
-                    sims.append(sim)
-                common = min(c.done for c in ctxs)
-                for c in ctxs:  # resume every run of the group at the same round
-                    if c.done != common:
-                        c.rewind(common, c.sim.put_state(c.sim.init(c.cfg.run.seed)))
-                waves_of = mesh.shape["runs"] * rpd
-                programs: dict = {}
-                waves = []
-                for w in range(0, len(ctxs), waves_of):
-                    part = ctxs[w:w + waves_of]
-                    batch = BatchedRuns([c.sim for c in part], [hparams(c.cfg) for c in part], mesh, programs=programs)
-                    keys = [c.sim.put_state(c.sim.init(c.cfg.run.seed)).key for c in part]
-                    waves.append((part, batch, batch.place_state([c.state for c in part]), keys))
-                limit = ctxs[0].limit
-                bar.update(common)
-                while ctxs[0].done < limit:
-                    done, n = ctxs[0].done, ctxs[0].chunk(ctxs[0].done)
-                    stopping = distributed.agree(stop.signal is not None)
-                    for i, (part, batch, state, keys) in enumerate(waves):
-                        t0 = time.perf_counter()
-                        state, per_run = batch.dispatch(state, keys, done, n)
-                        waves[i] = (part, batch, state, keys)
-                        dt = time.perf_counter() - t0
-                        for c, s, m in zip(part, batch.unstack(state), per_run):
-                            c.record(s, m, n, dt, stopping=stopping)
-                    bar.update(n)
-                    accs = [c.last_eval.get("test_accuracy") for c in ctxs if c.last_eval.get("test_accuracy") is not None]
-                    if accs:
-                        bar.set_postfix({"best": f"{max(accs):.3f}", "worst": f"{min(accs):.3f}"})
-                    if stopping:
-                        interrupted = True
+                    built_all.append((spec, cfg, data, accountant))
+                # runs share a program and its data pool only with the same data (a seed-dependent
+                # dataset is not): each distinct data set is a group of its own
+                subgroups = _by_data(built_all)
+                if len(subgroups) > 1:
+                    bar.total += (len(subgroups) - 1) * gr0[0].config.run.rounds
+                    bar.refresh()
+                for built in subgroups:
+                    if interrupted:
                         break
-                batch = waves[0][1]
-                compiled += batch.compiled_programs  # the waves share their programs
-                for spec, c in zip(gr, ctxs):
-                    c.close()
-                    results[spec.index] = c.finish(interrupted=interrupted)
+                    gr = [spec for spec, _, _, _ in built]
+                    rpd = group_size_value(gr[0].config.run.runs_per_device, "run.runs_per_device")
+                    if rpd is None:
+                        rpd = _auto_runs_per_device(gr, by_index[gr[0].index][0])
+                        mesh = sweep_mesh(len(gr), runs_per_device=rpd)
+                        # the runs axis is a divisor of the device count: spread the runs over its positions
+                        rpd = min(rpd, -(-len(gr) // mesh.shape["runs"]))
+                    else:
+                        mesh = sweep_mesh(len(gr), runs_per_device=rpd)
+                    width = max(d.max_examples for _, _, d, _ in built)
+                    ctxs, sims = [], []
+                    # one model and one (static) algorithm for the group: their jitted helpers
+                    # (initialisers, evaluators) compile once; each run's values are traced
+                    model = build_model(built[0][1], built[0][2])
+                    shared = build_algorithm(built[0][1], model, built[0][2])
+                    for spec, cfg, data, accountant in built:
+                        alg = shared if not jax.tree.leaves(shared.server_data) else build_algorithm(cfg, model, data)
+                        cap = (poisson_capacity(data.num_clients, cfg.run.cohort_size)
+                               if sampling_method(cfg) == "poisson" else cfg.run.cohort_size)
+                        run_dir, previous = by_index[spec.index]
+                        sim = build_simulator(cfg, data, alg, out_dir=run_dir, mesh=mesh, max_examples=width,
+                                              build=_builder(cfg, model, data, cap))
+                        ctxs.append(RunContext(cfg, run_dir, sim, accountant, resuming=previous is not None))
+                        sims.append(sim)
+                    common = min(c.done for c in ctxs)
+                    for c in ctxs:  # resume every run of the group at the same round
+                        if c.done != common:
+                            c.rewind(common, c.sim.put_state(c.sim.init(c.cfg.run.seed)))
+                    waves_of = mesh.shape["runs"] * rpd
+                    programs: dict = {}
+                    waves = []
+                    for w in range(0, len(ctxs), waves_of):
+                        part = ctxs[w:w + waves_of]
+                        batch = BatchedRuns([c.sim for c in part], [hparams(c.cfg) for c in part], mesh, programs=programs)
+                        keys = [c.sim.put_state(c.sim.init(c.cfg.run.seed)).key for c in part]
+                        waves.append((part, batch, batch.place_state([c.state for c in part]), keys))
+                    limit = ctxs[0].limit
+                    bar.update(common)
+                    while ctxs[0].done < limit:
+                        done, n = ctxs[0].done, ctxs[0].chunk(ctxs[0].done)
+                        stopping = distributed.agree(stop.signal is not None)
+                        for i, (part, batch, state, keys) in enumerate(waves):
+                            t0 = time.perf_counter()
+                            state, per_run = batch.dispatch(state, keys, done, n)
+                            waves[i] = (part, batch, state, keys)
+                            dt = time.perf_counter() - t0
+                            for c, s, m in zip(part, batch.unstack(state), per_run):
+                                c.record(s, m, n, dt, stopping=stopping)
+                        bar.update(n)
+                        accs = [c.last_eval.get("test_accuracy") for c in ctxs if c.last_eval.get("test_accuracy") is not None]
+                        if accs:
+                            bar.set_postfix({"best": f"{max(accs):.3f}", "worst": f"{min(accs):.3f}"})
+                        if stopping:
+                            interrupted = True
+                            break
+                    batch = waves[0][1]
+                    compiled += batch.compiled_programs  # the waves share their programs
+                    for spec, c in zip(gr, ctxs):
+                        c.close()
+                        results[spec.index] = c.finish(interrupted=interrupted)
     finally:
         bar.close()
     done_runs = [(r, res) for r, res in zip(runs, results) if res is not None]
