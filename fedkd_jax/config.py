@@ -71,6 +71,8 @@ class ServerConfig:
     b1: Optional[float] = None
     b2: Optional[float] = None
     tau: Optional[float] = None
+    # fedadam/fedyogi: reddi (Algorithm 2: no bias correction, m0 = 0, v0 = tau^2) | optax (optax.adam/yogi)
+    adaptive_form: str = "reddi"
 
 
 @dataclass
@@ -238,6 +240,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base:
                 raise ConfigError(field_name, f"{file!r} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(field_name, f"{file!r} must hold a mapping of sections (data:, model:, ...)")
+            if field_name == "run_dir":
+                loaded = upgrade_saved(loaded)
             cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:
@@ -253,6 +257,18 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def upgrade_saved(d: Any) -> Any:
+    """A run's saved ``config.json`` (a dict or DictConfig) read with today's keys.
+
+    Runs saved before ``server.adaptive_form`` existed used optax's FedAdam /
+    FedYogi, so they resume with ``optax`` rather than the new default.
+    """
+    server = d.get("server") if hasattr(d, "get") else None
+    if server is not None and "adaptive_form" not in server:
+        server["adaptive_form"] = "optax"
+    return d
 
 
 def from_dict(d: dict[str, Any]) -> Config:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedkd_jax.algorithms import ADAPTIVE_FORMS, ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from fedkd_jax.aggregation import WEIGHTINGS
 from fedkd_jax.compression import COMPRESSIONS
 from fedkd_jax.config import Config, dp_enabled, group_size_value
@@ -171,6 +171,7 @@ def validate(cfg: Config) -> None:
 
     s = cfg.server
     _choice("server.optimizer", s.optimizer, SERVER_OPTIMIZERS)
+    _choice("server.adaptive_form", s.adaptive_form, ADAPTIVE_FORMS)
     _positive("server.lr", s.lr, allow_none=True)
     _positive("server.tau", s.tau, allow_none=True)
     for name in ("momentum", "b1", "b2"):

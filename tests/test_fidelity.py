@@ -230,8 +230,53 @@ def test_server_teacher_labeled_warmup_trains_the_teacher_before_round_zero(fd):
 
 
 # ---------------------------------------------------------------- defaults
+def _reddi_algorithm2(x0, deltas, variant, *, lr, b1, b2, tau):
+    """Reddi et al. 2021, Algorithm 2, transcribed in float64 numpy (server side only)."""
+    x = np.asarray(x0, np.float64)
+    m = np.zeros_like(x)
+    v = np.full_like(x, tau**2)  # v_{-1} = tau^2, m_{-1} = 0
+    for d in deltas:
+        d = np.asarray(d, np.float64)
+        m = b1 * m + (1 - b1) * d
+        if variant == "adam":
+            v = b2 * v + (1 - b2) * d**2
+        else:  # yogi
+            v = v - (1 - b2) * d**2 * np.sign(v - d**2)
+        x = x + lr * m / (np.sqrt(v) + tau)  # no bias correction
+    return x
+
+
+@pytest.mark.parametrize("name,variant", [("fedadam", "adam"), ("fedyogi", "yogi")])
+def test_fedadam_fedyogi_default_to_reddi_algorithm_2(name, variant):
+    from fedkd_jax.algorithms import server_optimizer
+
+    rng = np.random.default_rng(0)
+    x0 = {"b": rng.normal(size=3).astype(np.float32), "w": rng.normal(size=(4, 5)).astype(np.float32)}
+    # deltas both well below and well above tau, and a sign change of v - delta^2 for Yogi
+    scales = (3e-4, 0.5, 2e-3, 0.05)
+    deltas = [{k: (s * rng.normal(size=v.shape)).astype(np.float32) for k, v in x0.items()} for s in scales]
+    hp = dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)
+    opt = server_optimizer(name, **hp)  # form="reddi" is the default
+    params = jax.tree.map(jnp.asarray, x0)
+    state = opt.init(params)
+    for d in deltas:
+        upd, state = jax.jit(opt.update)(jax.tree.map(lambda a: -jnp.asarray(a), d), state, params)
+        params = optax.apply_updates(params, upd)
+    for k in x0:
+        expect = _reddi_algorithm2(x0[k], [d[k] for d in deltas], variant, **hp)
+        np.testing.assert_allclose(np.asarray(params[k]), expect, rtol=2e-6, atol=1e-7)
+    # optax's form (bias-corrected) differs measurably after these steps
+    opt2 = server_optimizer(name, form="optax", **hp)
+    p2, st2 = jax.tree.map(jnp.asarray, x0), opt2.init(jax.tree.map(jnp.asarray, x0))
+    for d in deltas:
+        upd, st2 = opt2.update(jax.tree.map(lambda a: -jnp.asarray(a), d), st2, p2)
+        p2 = optax.apply_updates(p2, upd)
+    assert np.abs(np.asarray(p2["w"]) - np.asarray(params["w"])).max() > 1e-3
+
+
 def test_server_optimizer_defaults_follow_reddi_and_explicit_values_win():
-    from fedkd_jax.algorithms import SERVER_DEFAULTS, server_optimizer
+    from fedkd_jax.algorithms import SERVER_DEFAULTS, ReddiState, server_optimizer
+    from fedkd_jax.builders import build_algorithm, build_data, build_model
     from fedkd_jax.config import load_config, resolve_defaults
 
     params = {"w": jnp.ones(3)}
@@ -240,15 +285,41 @@ def test_server_optimizer_defaults_follow_reddi_and_explicit_values_win():
     def first_update(opt):
         return np.asarray(opt.update(g, opt.init(params), params)[0]["w"])
 
-    np.testing.assert_allclose(first_update(server_optimizer("fedadam")),
+    # the optax form stays reachable by name
+    np.testing.assert_allclose(first_update(server_optimizer("fedadam", form="optax")),
                                first_update(optax.adam(1e-2, b1=0.9, b2=0.99, eps=1e-3)), rtol=1e-6)
-    np.testing.assert_allclose(first_update(server_optimizer("fedyogi", lr=0.3)),
+    np.testing.assert_allclose(first_update(server_optimizer("fedyogi", lr=0.3, form="optax")),
                                first_update(optax.yogi(0.3, b1=0.9, b2=0.99, eps=1e-3)), rtol=1e-6)
     assert SERVER_DEFAULTS["fedavgm"]["momentum"] == 0.9
     cfg = resolve_defaults(load_config(None, ["server.optimizer=fedadam"]))
-    assert (cfg.server.lr, cfg.server.tau, cfg.server.b2) == (1e-2, 1e-3, 0.99)
+    assert (cfg.server.lr, cfg.server.tau, cfg.server.b2, cfg.server.adaptive_form) == (1e-2, 1e-3, 0.99, "reddi")
     cfg = resolve_defaults(load_config(None, ["server.optimizer=fedadam", "server.lr=0.05"]))
     assert cfg.server.lr == 0.05
+    # the config's form reaches the built algorithm's server state
+    small = ["algorithm=fedavg", "server.optimizer=fedyogi", "data.num_clients=4", "run.cohort_size=2",
+             "model.hidden=[4]"]
+    for form in ("reddi", "optax"):
+        c = load_config(None, small + [f"server.adaptive_form={form}"])
+        data = build_data(c)
+        st = build_algorithm(c, build_model(c, data), data).init(jax.random.key(0))
+        assert isinstance(st.opt_state, ReddiState) == (form == "reddi")
+    with pytest.raises(fk.errors.ConfigError) as e:
+        load_config(None, ["server.adaptive_form=paper"])
+    assert e.value.field == "server.adaptive_form"
+
+
+def test_runs_saved_before_adaptive_form_resume_with_optax(tmp_path):
+    import json
+
+    from fedkd_jax.config import load_config, to_dict
+    from fedkd_jax.runner.resume import saved_config
+
+    d = to_dict(load_config(None, ["server.optimizer=fedadam"]))
+    del d["server"]["adaptive_form"]  # a config.json written before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert saved_config(str(tmp_path)).server.adaptive_form == "optax"
+    assert load_config(None, [], base=str(tmp_path / "config.json")).server.adaptive_form == "optax"
+    assert load_config(None, []).server.adaptive_form == "reddi"
 
 
 # -------------------------------------------------------------- partitions
