@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedkd_jax.config import Config, from_dict, to_dict, validate
+from fedkd_jax.engine.cohort import straggler_count
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.runner.resume import flatten
 
@@ -36,6 +37,9 @@ TRACED = (
     "fedprox.mu", "compression.energy_start", "compression.energy_end",
     "privacy.noise_multiplier", "privacy.clip_norm",
 )
+# Integers derived on the host from a run's settings and traced beside them, so the
+# program never recomputes them from a traced float (float32 rounding would differ).
+DERIVED = ("client.straggler_count",)  # fedkd_jax.engine.cohort.straggler_count
 HOST = ("run.seed", "data.alpha", "data.shards_per_client", "data.min_examples", "data.test_fraction",
         "data.partition", "privacy.delta")
 UNSWEEPABLE = {
@@ -158,14 +162,20 @@ def group(runs: Sequence[RunSpec]) -> list[list[RunSpec]]:
 
 
 def hparams(cfg: Config) -> dict[str, float]:
-    """The traced settings of one run (floats; unset optional values stay out)."""
+    """The traced settings of one run (floats; unset optional values stay out), and
+    the :data:`DERIVED` integers computed from them on the host."""
     flat = flatten(to_dict(cfg))
-    return {k: float(flat[k]) for k in TRACED if flat.get(k) is not None}
+    out = {k: float(flat[k]) for k in TRACED if flat.get(k) is not None}
+    out["client.straggler_count"] = float(straggler_count(cfg.client.straggler_fraction, cfg.run.cohort_size))
+    return out
 
 
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:
-    """``cfg`` with ``section.key`` values replaced (no validation: values may be traced)."""
+    """``cfg`` with ``section.key`` values replaced (no validation: values may be traced);
+    :data:`DERIVED` entries are not config keys and are skipped."""
     for key, v in values.items():
+        if key in DERIVED:
+            continue
         section, _, name = key.partition(".")
         sub = getattr(cfg, section)
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: v})})
