@@ -58,7 +58,7 @@ class ClientConfig:
     local_epochs: int = 1
     local_steps: Optional[int] = None  # fixed steps per round instead of epochs
     straggler_fraction: float = 0.0  # cohort share stopping early (fedavg drops, fedprox keeps)
-    straggler_mode: str = "fixed"  # fixed: exactly round(f*C) stragglers, work < full (FedProx) | bernoulli: old draw
+    straggler_mode: str = "fixed"  # fixed: exactly C - round(C*(1-f)) stragglers, work < full (FedProx) | bernoulli: old draw
     weighting: str = "auto"  # aggregation weights: auto (uniform for fedkd, else examples) | examples | uniform
 
 
