@@ -290,6 +290,69 @@ def test_fedkd_downlink_bytes_equal_the_compressed_factors(fd):
     assert expect_bytes < fk.engine.tree_bytes(state.server.params)  # something was compressed
 
 
+def test_downlink_ledger_charges_missed_deltas_or_the_whole_model():
+    from fedkd_jax.runner.downlink import DownlinkLedger
+
+    led = DownlinkLedger(4, model_bytes=100)
+    deltas = [30, 50, 60, 10, 40]
+    cohorts = [[0, 1], [1, 2], [0, 3], [1, 2], [0, 1]]
+    # by hand: a client pays 100 when it holds nothing, else the deltas since the round
+    # whose model it holds, capped at 100
+    # r0: 0 new, 1 new                          -> 100 + 100
+    # r1: 1 holds r0 (missed D0 = 30), 2 new    -> 30 + 100
+    # r2: 0 holds r0 (D0 + D1 = 80), 3 new      -> 80 + 100
+    # r3: 1, 2 hold r1 (D1 + D2 = 110 -> 100)   -> 100 + 100
+    # r4: 0 holds r2 (D2 + D3 = 70), 1 holds r3 (D3 = 10) -> 70 + 10
+    expect = [200, 130, 180, 200, 80]
+    assert [led.charge(t, np.array(c), d) for t, (c, d) in enumerate(zip(cohorts, deltas))] == expect
+    # every client in every round: the whole model once, then the previous round's delta
+    full = DownlinkLedger(3, model_bytes=100)
+    got = [full.charge(t, np.arange(3), d) for t, d in enumerate(deltas)]
+    assert got == [300] + [3 * d for d in deltas[:-1]]
+    # a resumed run replays its logged rows and continues exactly
+    from types import SimpleNamespace
+
+    from fedkd_jax.runner.downlink import RunDownlink
+
+    sim = SimpleNamespace(num_clients=5, cohort_size=2, sampling="fixed", bytes_down_per_client=100)
+    whole = RunDownlink(sim, (1, 2))
+    rows = [{"round": t + 1, "bytes_down_delta": d, "bytes_down": whole.charge(t, d)[0]} for t, d in enumerate(deltas)]
+    resumed = RunDownlink(sim, (1, 2))
+    resumed.replay(rows[:3])
+    assert [resumed.charge(t, deltas[t])[0] for t in (3, 4)] == [rows[3]["bytes_down"], rows[4]["bytes_down"]]
+
+
+def test_run_log_charges_each_sampled_client_what_it_needs(tmp_path):
+    from fedkd_jax.config import load_config
+    from fedkd_jax.runner import read_jsonl, run_experiment
+
+    n, c = 6, 2
+    cfg = load_config(None, ["algorithm=fedavg", f"data.num_clients={n}", f"run.cohort_size={c}", "run.rounds=6",
+                             "run.eval_every=6", "run.devices=1", "model.hidden=[8]", "compression.downlink=svd",
+                             "compression.energy_start=0.5", "compression.energy_end=0.5"])
+    out = tmp_path / "run"
+    res = run_experiment(cfg, str(out), progress=False)
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    model_bytes = 4 * (64 * 8 + 8 + 8 * 10 + 10)  # the 64-8-10 MLP, float32, counted by hand
+    held, got_deltas = {}, []  # an independent replay: client -> deltas it is missing (absent: holds nothing)
+    for r in rows:
+        t = r["round"] - 1
+        cohort = sample_cohort(res.state.key, t, n, c)
+        need = sum(model_bytes if held.get(int(k)) is None else min(model_bytes, sum(held[int(k)]))
+                   for k in cohort)
+        assert r["bytes_down"] == need, t
+        assert r["bytes_down_per_round"] == c * r["bytes_down_delta"]
+        for k in cohort:  # they now hold this round's model ...
+            held[int(k)] = []
+        for k in held:  # ... and everyone holding a model misses this round's delta
+            held[k].append(r["bytes_down_delta"])
+        got_deltas.append(r["bytes_down_delta"])
+    assert 0 < min(got_deltas) and max(got_deltas) < model_bytes  # compressed
+    assert rows[-1]["cum_bytes_down"] == sum(r["bytes_down"] for r in rows)
+    assert rows[-1]["cum_bytes_down_per_round"] == c * sum(got_deltas)
+    assert res.final["cum_bytes_down_per_round"] == rows[-1]["cum_bytes_down_per_round"]
+
+
 # ------------------------------------------------------- server-teacher KD
 def test_server_teacher_is_not_a_target_before_warmup(fd):
     s = fk.make_model("mlp", **STUDENT)

@@ -100,8 +100,10 @@ class Simulator:
       downlink: optional compression of the server's global update on its way
         down (FedKD, Wu et al. 2022). The server's model becomes the previous
         model plus the *decompressed* update, i.e. exactly what every client
-        holding the previous global model reconstructs, and ``bytes_down``
-        counts the compressed payload per cohort client.
+        holding the previous global model reconstructs; the metric
+        ``bytes_down_client`` is the size of that compressed delta (the run log
+        charges each sampled client the deltas it missed or the whole model,
+        :mod:`fedkd_jax.runner.downlink`).
       straggler_fraction: share of each cohort that straggles (see
         :func:`~fedkd_jax.engine.cohort.straggler_flags`); only for algorithms
         with ``supports_stragglers``.
