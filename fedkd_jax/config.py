@@ -30,7 +30,9 @@ class DataConfig:
     alpha: float = 0.5  # Dirichlet concentration (dirichlet label skew, quantity skew)
     shards_per_client: int = 2  # shards partition: classes-ish per client
     examples_per_client: Optional[int] = None  # iid: fixed size, resampled if N*size > pool; dirichlet_client: size
-    min_examples: int = 2  # dirichlet/quantity: redraw until every client has this many
+    # dirichlet/dirichlet_balanced/quantity: redraw until every client has this many
+    # (unset: 10 for dirichlet_balanced, NIID-Bench's min_require_size; 2 otherwise)
+    min_examples: Optional[int] = None
     test_fraction: float = 0.2  # each client's local test split
     global_test_fraction: float = 0.2  # held out before partitioning (not for natural)
     proxy_fraction: float = 0.0  # unlabeled proxy rows held out for feddf / server_teacher_kd
@@ -263,11 +265,16 @@ def upgrade_saved(d: Any) -> Any:
     """A run's saved ``config.json`` (a dict or DictConfig) read with today's keys.
 
     Runs saved before ``server.adaptive_form`` existed used optax's FedAdam /
-    FedYogi, so they resume with ``optax`` rather than the new default.
+    FedYogi, so they resume with ``optax`` rather than the new default; their
+    ``data.min_examples: 2`` is today's unset value for their partition.
     """
     server = d.get("server") if hasattr(d, "get") else None
-    if server is not None and "adaptive_form" not in server:
+    if server is not None and "adaptive_form" not in server:  # saved before these keys changed
         server["adaptive_form"] = "optax"
+        data = d.get("data")
+        # data.min_examples was 2 for every partition then; unset means the same for all of them
+        if data is not None and data.get("min_examples") == 2:
+            data["min_examples"] = None
     return d
 
 

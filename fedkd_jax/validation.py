@@ -94,7 +94,7 @@ def validate(cfg: Config) -> None:
     _positive("data.alpha", d.alpha)
     _positive("data.shards_per_client", d.shards_per_client, integer=True)
     _positive("data.examples_per_client", d.examples_per_client, integer=True, allow_none=True)
-    _positive("data.min_examples", d.min_examples, integer=True)
+    _positive("data.min_examples", d.min_examples, integer=True, allow_none=True)
     _fraction("data.test_fraction", d.test_fraction)
     _fraction("data.global_test_fraction", d.global_test_fraction)
     _fraction("data.proxy_fraction", d.proxy_fraction)

@@ -466,10 +466,14 @@ def test_runs_saved_before_adaptive_form_resume_with_optax(tmp_path):
 
     d = to_dict(load_config(None, ["server.optimizer=fedadam"]))
     del d["server"]["adaptive_form"]  # a config.json written before the key existed
+    d["data"]["min_examples"] = 2  # then every partition's default
     (tmp_path / "config.json").write_text(json.dumps(d))
-    assert saved_config(str(tmp_path)).server.adaptive_form == "optax"
-    assert load_config(None, [], base=str(tmp_path / "config.json")).server.adaptive_form == "optax"
+    for old in (saved_config(str(tmp_path)), load_config(None, [], base=str(tmp_path / "config.json"))):
+        assert old.server.adaptive_form == "optax" and old.data.min_examples is None
     assert load_config(None, []).server.adaptive_form == "reddi"
+    d["server"]["adaptive_form"] = "reddi"  # a config saved today keeps an explicit 2
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert saved_config(str(tmp_path)).data.min_examples == 2
 
 
 # -------------------------------------------------------------- partitions
@@ -485,6 +489,45 @@ def test_dirichlet_client_gives_equal_sizes_and_skewed_classes(digits):
     assert top_share > 0.6  # alpha = 0.1: clients hold few classes
     iidish = fk.data.dirichlet_client(y, 20, 1000.0, np.random.default_rng(0))
     assert np.mean([np.bincount(y[p], minlength=10).max() / size for p in iidish]) < 0.25
+
+
+def _niid_bench_labeldir(y, n_parties, beta, rng, min_require_size=10):
+    """Xtra-Computing/NIID-Bench utils.py, partition 'noniid-labeldir', transcribed
+    (np.random replaced by the generator ``rng``)."""
+    min_size, N = 0, y.shape[0]
+    while min_size < min_require_size:
+        idx_batch = [[] for _ in range(n_parties)]
+        for k in np.unique(y):
+            idx_k = np.where(y == k)[0]
+            rng.shuffle(idx_k)
+            proportions = rng.dirichlet(np.repeat(beta, n_parties))
+            proportions = np.array([p * (len(idx_j) < N / n_parties) for p, idx_j in zip(proportions, idx_batch)])
+            proportions = proportions / proportions.sum()
+            proportions = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
+            idx_batch = [idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, proportions))]
+            min_size = min([len(idx_j) for idx_j in idx_batch])
+    return idx_batch
+
+
+def test_dirichlet_balanced_is_niid_benchs_partition(digits):
+    y = digits.y
+    for n, alpha, seed in ((10, 0.5, 0), (20, 0.1, 1), (30, 0.3, 2)):
+        got = fk.data.dirichlet_balanced(y, n, alpha, np.random.default_rng(seed))
+        ref = _niid_bench_labeldir(y, n, alpha, np.random.default_rng(seed))
+        assert [sorted(p.tolist()) for p in got] == [sorted(r) for r in ref], (n, alpha)
+        assert got.sizes.min() >= 10
+    # the balancing step changes the split: the plain per-class draw leaves larger extremes
+    plain = fk.data.dirichlet(y, 20, 0.1, np.random.default_rng(1), min_examples=10)
+    bal = fk.data.dirichlet_balanced(y, 20, 0.1, np.random.default_rng(1))
+    assert bal.sizes.max() < plain.sizes.max()
+    assert fk.data.default_min_examples("dirichlet_balanced") == 10
+    assert fk.data.default_min_examples("dirichlet") == fk.data.default_min_examples("quantity") == 2
+    # unset min_examples: the partition's default reaches the split
+    fd = fk.federate(digits, partition="dirichlet_balanced", num_clients=20, seed=0, alpha=0.5, test_fraction=0.0)
+    assert fd.counts.min() >= 10
+    with pytest.raises(fk.errors.DataError) as e:  # NIID-Bench's minimum is out of reach here
+        fk.federate(digits, partition="dirichlet_balanced", num_clients=140, seed=0, alpha=0.5)
+    assert e.value.field == "data.min_examples"
 
 
 def test_local_steps_mode_reshuffles_every_pass():
