@@ -63,7 +63,8 @@ def build_model(cfg: Config, data: FederatedData, *, teacher: bool = False) -> M
 def _common(cfg: Config):
     c, s, k = cfg.client, cfg.server, cfg.distill
     client_opt = alg_lib.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum)
-    server_opt = alg_lib.server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, tau=s.tau)
+    server_opt = alg_lib.server_optimizer(s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, tau=s.tau,
+                                          form=s.adaptive_form)
     local = dict(batch_size=c.batch_size, local_epochs=c.local_epochs, local_steps=c.local_steps)
     distill = dict(distill_steps=k.server_steps, distill_lr=k.server_lr, distill_batch_size=k.server_batch_size)
     return client_opt, server_opt, local, distill

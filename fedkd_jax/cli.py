@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                   "regenerate and subtract it; privacy.secure_noise=true draws it from OS entropy instead")
     if f.get("cum_bytes_up") is not None:
         print(f"communication: {f['cum_bytes_up'] / 1e6:.2f} MB up, {f['cum_bytes_down'] / 1e6:.2f} MB down")
+        if f.get("cum_bytes_down_per_round") is not None:  # compressed downlink: see fedkd_jax.runner.downlink
+            print(f"  down = what each sampled client needs (the deltas it missed or the whole model); "
+                  f"one compressed delta per sampled client would be {f['cum_bytes_down_per_round'] / 1e6:.2f} MB, "
+                  "true only if every client took part every round")
     store = ", checkpoints-clients/" if os.path.isdir(os.path.join(result.run_dir, "checkpoints-clients")) else ""
     print(f"outputs in {result.run_dir}: config.yaml, config.json, metrics.jsonl, metrics.csv, accuracy.png, "
           f"checkpoints/{store}")

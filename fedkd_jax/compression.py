@@ -8,7 +8,8 @@ round, before aggregation. The server only ever sees the decompressed update.
 * ``svd``: FedKD's dynamic-rank SVD (Wu et al. 2022). Each 2-D leaf keeps the
   smallest rank whose singular values hold a fraction ``T(t)`` of the
   energy (sum of squared singular values), with
-  ``T(t) = T_start + (T_end - T_start) * t`` and ``t = round / (rounds - 1)``. The
+  ``T(t) = T_start + (T_end - T_start) * (1 + t) / R`` for the 0-based round
+  ``t`` of ``R`` (the reference code's schedule, wuch15/FedKD ``run.py``). The
   payload is ``k * (m + n + 1)`` floats, or the dense ``m * n`` when that is
   no larger (and always when only full rank meets the threshold). Other
   leaves are sent dense.
@@ -41,12 +42,14 @@ class Compressor(NamedTuple):
 
 
 def energy_threshold(round_index: jax.Array, rounds: int, start: float, end: float) -> jax.Array:
-    """FedKD's schedule ``T(t) = T_start + (T_end - T_start) * t``.
+    """FedKD's schedule ``T(t) = T_start + (T_end - T_start) * (1 + t) / R``.
 
-    ``t = round / (rounds - 1)`` for the 0-based round being trained, so the
-    first round uses ``T_start`` and the last ``T_end`` (clipped after it).
+    As the reference code (wuch15/FedKD, ``run.py``:
+    ``energy = tmin + ((1 + comm_round) / epochs) * (tmax - tmin)``) for the
+    0-based round ``t`` of ``R = rounds``: the first round already uses
+    ``T_start + (T_end - T_start) / R``, the last ``T_end`` (clipped after it).
     """
-    t = jnp.clip(jnp.asarray(round_index, jnp.float32) / max(rounds - 1, 1), 0.0, 1.0)
+    t = jnp.clip((jnp.asarray(round_index, jnp.float32) + 1.0) / max(rounds, 1), 0.0, 1.0)
     return start + (end - start) * t
 
 

@@ -44,7 +44,9 @@ class DataConfig:
     alpha: float = 0.5  # Dirichlet concentration (dirichlet label skew, quantity skew)
     shards_per_client: int = 2  # shards partition: classes-ish per client
     examples_per_client: Optional[int] = None  # iid: fixed size, resampled if N*size > pool; dirichlet_client: size
-    min_examples: int = 2  # dirichlet/quantity: redraw until every client has this many
+    # dirichlet/dirichlet_balanced/quantity: redraw until every client has this many
+    # (unset: 10 for dirichlet_balanced, NIID-Bench's min_require_size; 2 otherwise)
+    min_examples: Optional[int] = None
     test_fraction: float = 0.2  # each client's local test split
     global_test_fraction: float = 0.2  # held out before partitioning (not for natural)
     proxy_fraction: float = 0.0  # unlabeled proxy rows held out for feddf / server_teacher_kd
@@ -72,7 +74,7 @@ class ClientConfig:
     local_epochs: int = 1
     local_steps: Optional[int] = None  # fixed steps per round instead of epochs
     straggler_fraction: float = 0.0  # cohort share stopping early (fedavg drops, fedprox keeps)
-    straggler_mode: str = "fixed"  # fixed: exactly round(f*C) stragglers, work < full (FedProx) | bernoulli: old draw
+    straggler_mode: str = "fixed"  # fixed: exactly C - round(C*(1-f)) stragglers, work < full (FedProx) | bernoulli: old draw
     weighting: str = "auto"  # aggregation weights: auto (uniform for fedkd, else examples) | examples | uniform
 
 
@@ -85,6 +87,8 @@ class ServerConfig:
     b1: Optional[float] = None
     b2: Optional[float] = None
     tau: Optional[float] = None
+    # fedadam/fedyogi: reddi (Algorithm 2: no bias correction, m0 = 0, v0 = tau^2) | optax (optax.adam/yogi)
+    adaptive_form: str = "reddi"
 
 
 @dataclass
@@ -245,6 +249,8 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), *, base:
                 raise ConfigError(field_name, f"{file!r} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(field_name, f"{file!r} must hold a mapping of sections (data:, model:, ...)")
+            if field_name == "run_dir":
+                loaded = upgrade_saved(loaded)
             cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:
@@ -272,6 +278,23 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def upgrade_saved(d: Any) -> Any:
+    """A run's saved ``config.json`` (a dict or DictConfig) read with today's keys.
+
+    Runs saved before ``server.adaptive_form`` existed used optax's FedAdam /
+    FedYogi, so they resume with ``optax`` rather than the new default; their
+    ``data.min_examples: 2`` is today's unset value for their partition.
+    """
+    server = d.get("server") if hasattr(d, "get") else None
+    if server is not None and "adaptive_form" not in server:  # saved before these keys changed
+        server["adaptive_form"] = "optax"
+        data = d.get("data")
+        # data.min_examples was 2 for every partition then; unset means the same for all of them
+        if data is not None and data.get("min_examples") == 2:
+            data["min_examples"] = None
+    return d
 
 
 def from_dict(d: dict[str, Any]) -> Config:

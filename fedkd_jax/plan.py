@@ -46,6 +46,9 @@ TRACED = (
     "fedprox.mu", "compression.energy_start", "compression.energy_end",
     "privacy.noise_multiplier", "privacy.clip_norm",
 )
+# Integers derived on the host from a run's settings and traced beside them, so the
+# program never recomputes them from a traced float (float32 rounding would differ).
+TRACED_DERIVED = ("client.straggler_count",)  # fedkd_jax.engine.cohort.straggler_count
 # Per-run host settings: they change the host-side data partition and cohorts,
 # not the program (clients are padded to the widest run of a group).
 HOST = ("run.seed", "data.alpha", "data.shards_per_client", "data.min_examples", "data.test_fraction",
@@ -74,9 +77,14 @@ def resolve_config(cfg: Config) -> Config:
 
 
 def traced_part(cfg: Config) -> dict[str, float]:
-    """The traced hyperparameters of a resolved config (unset optional values stay out)."""
+    """The traced hyperparameters of a resolved config (unset optional values stay out)
+    and the :data:`TRACED_DERIVED` integers computed from them on the host."""
+    from fedkd_jax.engine.cohort import straggler_count
+
     flat = flatten(to_dict(cfg))
-    return {k: float(flat[k]) for k in TRACED if flat.get(k) is not None}
+    out = {k: float(flat[k]) for k in TRACED if flat.get(k) is not None}
+    out["client.straggler_count"] = float(straggler_count(cfg.client.straggler_fraction, cfg.run.cohort_size))
+    return out
 
 
 def static_part(cfg: Config) -> tuple:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Sequence
 
-from fedkd_jax.algorithms import ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from fedkd_jax.algorithms import ADAPTIVE_FORMS, ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
 from fedkd_jax.aggregation import WEIGHTINGS
 from fedkd_jax.compression import COMPRESSIONS
 from fedkd_jax.settings import (
@@ -130,7 +130,7 @@ def validate(cfg: Config) -> None:
     _positive("data.alpha", d.alpha)
     _positive("data.shards_per_client", d.shards_per_client, integer=True)
     _positive("data.examples_per_client", d.examples_per_client, integer=True, allow_none=True)
-    _positive("data.min_examples", d.min_examples, integer=True)
+    _positive("data.min_examples", d.min_examples, integer=True, allow_none=True)
     _fraction("data.test_fraction", d.test_fraction)
     _fraction("data.global_test_fraction", d.global_test_fraction)
     _fraction("data.proxy_fraction", d.proxy_fraction)
@@ -207,6 +207,7 @@ def validate(cfg: Config) -> None:
 
     s = cfg.server
     _choice("server.optimizer", s.optimizer, SERVER_OPTIMIZERS)
+    _choice("server.adaptive_form", s.adaptive_form, ADAPTIVE_FORMS)
     _positive("server.lr", s.lr, allow_none=True)
     _positive("server.tau", s.tau, allow_none=True)
     for name in ("momentum", "b1", "b2"):

@@ -17,7 +17,8 @@ from fedkd_jax.runner import run_experiment
     "override, field, words",
     [
         ("data.dataset=cifar", "data.dataset", "digits, mnist5k, synthetic, npz"),
-        ("data.partition=zipf", "data.partition", "iid, dirichlet, dirichlet_client, shards, quantity, natural"),
+        ("data.partition=zipf", "data.partition",
+         "iid, dirichlet, dirichlet_balanced, dirichlet_client, shards, quantity, natural"),
         ("client.lr=0", "client.lr", "positive"),
         ("client.lr=-0.1", "client.lr", "positive"),
         ("client.batch_size=0", "client.batch_size", "positive integer"),
@@ -30,6 +31,7 @@ from fedkd_jax.runner import run_experiment
         ("run.rounds=ten", "run.rounds", "Integer"),
         ("algorithm=fedsgd", "algorithm", "fedavg"),
         ("server.optimizer=sgd", "server.optimizer", "fedavg, fedavgm, fedadam, fedyogi"),
+        ("server.adaptive_form=paper", "server.adaptive_form", "reddi, optax"),
         ("model.kind=resnet", "model.kind", "mlp, cnn"),
         ("run.devices=foo", "run.devices", "must be 'all' or a positive integer"),
         ("run.devices=0", "run.devices", "must be 'all' or a positive integer"),

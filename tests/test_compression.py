@@ -33,10 +33,12 @@ def test_svd_keeps_the_smallest_rank_meeting_the_energy_and_counts_its_bytes():
 
 
 def test_svd_threshold_schedule():
-    assert float(energy_threshold(0, 21, 0.95, 0.98)) == np.float32(0.95)  # first round
-    np.testing.assert_allclose(float(energy_threshold(10, 21, 0.95, 0.98)), 0.965, rtol=1e-6)
-    np.testing.assert_allclose(float(energy_threshold(20, 21, 0.95, 0.98)), 0.98, rtol=1e-6)  # last round
-    np.testing.assert_allclose(float(energy_threshold(30, 21, 0.95, 0.98)), 0.98, rtol=1e-6)  # clipped after
+    # wuch15/FedKD run.py: energy = tmin + ((1 + comm_round) / epochs) * (tmax - tmin), by hand for R = 20
+    np.testing.assert_allclose(float(energy_threshold(0, 20, 0.95, 0.98)), 0.9515, rtol=1e-6)  # first round
+    np.testing.assert_allclose(float(energy_threshold(9, 20, 0.95, 0.98)), 0.965, rtol=1e-6)
+    np.testing.assert_allclose(float(energy_threshold(19, 20, 0.95, 0.98)), 0.98, rtol=1e-6)  # last round
+    np.testing.assert_allclose(float(energy_threshold(30, 20, 0.95, 0.98)), 0.98, rtol=1e-6)  # clipped after
+    np.testing.assert_allclose(float(energy_threshold(0, 1, 0.5, 0.9)), 0.9, rtol=1e-6)  # R = 1: T_end at once
 
 
 def test_topk_keeps_the_largest_entries():

@@ -69,14 +69,52 @@ def test_run_log_of_empty_rounds_has_no_zero_loss(tmp_path):
 
 
 # --------------------------------------------------------------- stragglers
+def _fedprox_reference_count(fraction, cohort):
+    """litian96/FedProx, flearn/trainers/fedprox.py: ``round(C * (1 - drop_percent))`` stay active."""
+    return cohort - round(cohort * (1 - fraction))
+
+
 def test_straggler_count_is_exact_every_round():
     key = jax.random.key(3)
-    for frac, cohort in ((0.5, 10), (0.9, 10), (0.25, 10), (0.3, 7)):
-        expect = round(frac * cohort)  # Python's round, as FedProx's reference code
+    for frac, cohort in ((0.5, 10), (0.9, 10), (0.25, 10), (0.3, 7), (0.1, 5), (0.3, 45)):
+        expect = _fedprox_reference_count(frac, cohort)
         for r in range(20):
             flags = np.asarray(straggler_flags(round_key(key, r), cohort, cohort + 2, frac, "fixed"))
             assert (flags[:cohort] == STRAGGLER).sum() == expect, (frac, cohort, r)
             assert (flags[cohort:] == FULL_WORK).all()  # padding never straggles
+
+
+def test_straggler_count_is_one_integer_on_single_and_swept_paths():
+    """Every fraction 0.00..1.00 (step 0.01) x cohort 1..200: the reference's count, the
+    single run's and the count a batched sweep traces are one integer."""
+    import dataclasses
+
+    from fedkd_jax.config import load_config
+    from fedkd_jax.engine.cohort import straggler_count
+    from fedkd_jax.sweeps.grid import hparams
+
+    fracs = [i / 100 for i in range(101)]
+    cohorts = range(1, 201)
+    ref = np.array([[_fedprox_reference_count(f, c) for c in cohorts] for f in fracs])
+    single = np.array([[straggler_count(f, c) for c in cohorts] for f in fracs])
+    np.testing.assert_array_equal(single, ref)
+    # the traced path: the integer travels as the sweep's float32 hyperparameter and
+    # the program draws that many stragglers (one program for every pair: a cohort of
+    # 200 positions holds any count up to 200)
+    hp = ref.astype(np.float32).reshape(-1)
+    draw = jax.jit(jax.vmap(lambda k: jnp.sum(
+        straggler_flags(jax.random.key(0), 200, 200, jnp.float32(0.5), "fixed", k) == STRAGGLER)))
+    np.testing.assert_array_equal(np.asarray(draw(jnp.asarray(hp))).reshape(ref.shape), ref)
+    # and the sweep's host side derives the same integer from each run's config
+    base = load_config(None, ["algorithm=fedprox", "data.num_clients=200"])
+    for c in (1, 7, 45, 50, 199):
+        for i, f in enumerate(fracs):
+            cfg = dataclasses.replace(base, client=dataclasses.replace(base.client, straggler_fraction=f),
+                                      run=dataclasses.replace(base.run, cohort_size=c))
+            assert hparams(cfg)["client.straggler_count"] == ref[i, c - 1], (f, c)
+    # where the old derivations disagreed with the reference
+    assert straggler_count(0.59, 50) == 30 and int(jnp.round(jnp.float32(0.59) * 50)) == 29
+    assert straggler_count(0.02, 25) == 1 and round(0.02 * 25) == 0
 
 
 def test_no_straggler_does_full_work():
@@ -87,25 +125,74 @@ def test_no_straggler_does_full_work():
         assert got.min() == 1 and got.max() == full - 1  # uniform over 1 .. full-1, all reached
         assert (np.asarray(steps(keys, FULL_WORK, full)) == full).all()
     assert (np.asarray(steps(keys, STRAGGLER, 1)) == 0).all()  # no partial amount of a single step
+    # E = 4 epochs of 3 steps: whole epochs 1..3, each reached
+    by_epoch = jax.jit(jax.vmap(lambda k: fk.algorithms.straggler_steps(k, STRAGGLER, 12, epochs=4)))
+    assert sorted(set(np.asarray(by_epoch(keys)).tolist())) == [3, 6, 9]
+
+
+def test_fedprox_straggler_trains_whole_epochs_like_a_shorter_run(fd):
+    """With E = 2 a straggler's update is exactly a full-work client's update with
+    E' = 1 epoch (the reference's randint(1, E)), never a cut inside an epoch (the
+    draw over 1 .. E-1 for larger E is counted in test_no_straggler_does_full_work)."""
+    model = fk.make_model("mlp", **STUDENT)
+    kw = dict(mu=0.01, batch_size=4)
+    alg = fedprox(model, optax.sgd(0.1), optax.sgd(1.0), local_epochs=2, **kw)
+    one_epoch = fedprox(model, optax.sgd(0.1), optax.sgd(1.0), local_epochs=1, **kw)
+    params = model.init(jax.random.key(0))
+    c = int(np.argmax(fd.counts))  # a client with several batches per epoch
+    rows = fd.row_table(np.array([c]))[0]
+    x, y, n = jnp.asarray(fd.x[rows]), jnp.asarray(fd.y[rows]), jnp.asarray(fd.counts[c])
+    per_epoch = -(-int(fd.counts[c]) // 4)  # ceil(count / B), counted by hand
+    assert per_epoch >= 3
+
+    straggler = jax.jit(lambda k: alg.client_update(params, (), ClientData(x, y, n, STRAGGLER), k))
+    reference = jax.jit(lambda k: one_epoch.client_update(params, (), ClientData(x, y, n, FULL_WORK), k))
+    for i in range(3):
+        key = jax.random.key(100 + i)
+        out = straggler(key)
+        assert int(out.metrics["steps"]) == per_epoch  # one whole epoch of two
+        ref = reference(key)
+        for a, b in zip(jax.tree.leaves(out.update), jax.tree.leaves(ref.update)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        assert float(out.weight) == float(fd.counts[c])  # FedProx keeps it
 
 
 def test_fedprox_keeps_partial_work_of_exactly_the_stragglers(fd):
+    import itertools
+    import math
+
     model = fk.make_model("mlp", **STUDENT)
     alg = fedprox(model, optax.sgd(0.1), optax.sgd(1.0), mu=0.01, batch_size=4, local_epochs=2)
     sim = fk.Simulator(alg, fd, cohort_size=8, mesh=fk.client_mesh(1), straggler_fraction=0.5)
     state = sim.init(0)
     _, m = sim.step(state, sim.put_data(fd))
     assert int(m["clients_contributing"]) == 8  # FedProx keeps everyone
-    rkey = round_key(state.key, state.round)
     cohort = sample_cohort(state.key, 0, fd.num_clients, 8)
-    flags = np.asarray(straggler_flags(rkey, 8, 8, 0.5, "fixed"))
-    full = np.asarray(fk.algorithms.real_steps(jnp.asarray(fd.counts[cohort]), fd.max_examples, 4, epochs=2))
-    # the loop's reference: each straggler's own draw, strictly below full
-    capped = [int(fk.algorithms.straggler_steps(client_key(rkey, int(c)), int(f), int(n)))
-              for c, f, n in zip(cohort, flags, full)]
-    assert all(c < n for c, n, f in zip(capped, full, flags) if f == STRAGGLER)
     w = fd.counts[cohort].astype(np.float64)
-    np.testing.assert_allclose(float(m["client_steps"]), (w * capped).sum() / w.sum(), rtol=1e-5)
+    per_epoch = np.array([math.ceil(n / 4) for n in fd.counts[cohort]])  # by hand
+    # E = 2: a straggler trains exactly 1 epoch, the others 2; exactly 8 - round(8 * 0.5) = 4
+    # straggle. Some set of 4 must explain the reported mean steps, whichever the draw chose.
+    got = float(m["client_steps"])
+    means = [(w * per_epoch * np.where(np.isin(np.arange(8), s), 1, 2)).sum() / w.sum()
+             for s in itertools.combinations(range(8), 4)]
+    assert min(abs(v - got) for v in means) < 1e-4 * got
+    assert abs((w * per_epoch * 2).sum() / w.sum() - got) > 0.5  # not everyone did full work
+
+
+def test_straggler_with_zero_steps_contributes_nothing(fd):
+    """E = 1 and one batch per client: a straggler's work (1 .. full-1 steps) is empty,
+    so it is neither counted, nor averaged in as a zero delta, nor billed."""
+    model = fk.make_model("mlp", **STUDENT)
+    b = int(fd.max_examples)  # every client's epoch is a single batch
+    per_client = fk.engine.tree_bytes(model.init(jax.random.key(0)))
+    frac, cohort = 0.5, 6
+    alg = fedprox(model, optax.sgd(0.1), optax.sgd(1.0), mu=0.01, batch_size=b, local_epochs=1)
+    sim = fk.Simulator(alg, fd, cohort_size=cohort, mesh=fk.client_mesh(1), straggler_fraction=frac)
+    _, m = sim.step(sim.init(0), sim.put_data(fd))
+    active = round(cohort * (1 - frac))  # the reference's count of active clients
+    assert int(m["clients_contributing"]) == active == 3
+    assert sorted(np.asarray(m["bytes_up_clients"]).tolist()) == [0] * (cohort - active) + [per_client] * active
+    assert float(m["client_steps"]) == 1.0  # the mean holds only the clients that trained
 
 
 # ------------------------------------------------------------------- FedDF
@@ -205,6 +292,69 @@ def test_fedkd_downlink_bytes_equal_the_compressed_factors(fd):
     assert expect_bytes < fk.engine.tree_bytes(state.server.params)  # something was compressed
 
 
+def test_downlink_ledger_charges_missed_deltas_or_the_whole_model():
+    from fedkd_jax.runner.downlink import DownlinkLedger
+
+    led = DownlinkLedger(4, model_bytes=100)
+    deltas = [30, 50, 60, 10, 40]
+    cohorts = [[0, 1], [1, 2], [0, 3], [1, 2], [0, 1]]
+    # by hand: a client pays 100 when it holds nothing, else the deltas since the round
+    # whose model it holds, capped at 100
+    # r0: 0 new, 1 new                          -> 100 + 100
+    # r1: 1 holds r0 (missed D0 = 30), 2 new    -> 30 + 100
+    # r2: 0 holds r0 (D0 + D1 = 80), 3 new      -> 80 + 100
+    # r3: 1, 2 hold r1 (D1 + D2 = 110 -> 100)   -> 100 + 100
+    # r4: 0 holds r2 (D2 + D3 = 70), 1 holds r3 (D3 = 10) -> 70 + 10
+    expect = [200, 130, 180, 200, 80]
+    assert [led.charge(t, np.array(c), d) for t, (c, d) in enumerate(zip(cohorts, deltas))] == expect
+    # every client in every round: the whole model once, then the previous round's delta
+    full = DownlinkLedger(3, model_bytes=100)
+    got = [full.charge(t, np.arange(3), d) for t, d in enumerate(deltas)]
+    assert got == [300] + [3 * d for d in deltas[:-1]]
+    # a resumed run replays its logged rows and continues exactly
+    from types import SimpleNamespace
+
+    from fedkd_jax.runner.downlink import RunDownlink
+
+    sim = SimpleNamespace(num_clients=5, cohort_size=2, sampling="fixed", bytes_down_per_client=100)
+    whole = RunDownlink(sim, (1, 2))
+    rows = [{"round": t + 1, "bytes_down_delta": d, "bytes_down": whole.charge(t, d)[0]} for t, d in enumerate(deltas)]
+    resumed = RunDownlink(sim, (1, 2))
+    resumed.replay(rows[:3])
+    assert [resumed.charge(t, deltas[t])[0] for t in (3, 4)] == [rows[3]["bytes_down"], rows[4]["bytes_down"]]
+
+
+def test_run_log_charges_each_sampled_client_what_it_needs(tmp_path):
+    from fedkd_jax.config import load_config
+    from fedkd_jax.runner import read_jsonl, run_experiment
+
+    n, c = 6, 2
+    cfg = load_config(None, ["algorithm=fedavg", f"data.num_clients={n}", f"run.cohort_size={c}", "run.rounds=6",
+                             "run.eval_every=6", "run.devices=1", "model.hidden=[8]", "compression.downlink=svd",
+                             "compression.energy_start=0.5", "compression.energy_end=0.5"])
+    out = tmp_path / "run"
+    res = run_experiment(cfg, str(out), progress=False)
+    rows = read_jsonl(str(out / "metrics.jsonl"))
+    model_bytes = 4 * (64 * 8 + 8 + 8 * 10 + 10)  # the 64-8-10 MLP, float32, counted by hand
+    held, got_deltas = {}, []  # an independent replay: client -> deltas it is missing (absent: holds nothing)
+    for r in rows:
+        t = r["round"] - 1
+        cohort = sample_cohort(res.state.key, t, n, c)
+        need = sum(model_bytes if held.get(int(k)) is None else min(model_bytes, sum(held[int(k)]))
+                   for k in cohort)
+        assert r["bytes_down"] == need, t
+        assert r["bytes_down_per_round"] == c * r["bytes_down_delta"]
+        for k in cohort:  # they now hold this round's model ...
+            held[int(k)] = []
+        for k in held:  # ... and everyone holding a model misses this round's delta
+            held[k].append(r["bytes_down_delta"])
+        got_deltas.append(r["bytes_down_delta"])
+    assert 0 < min(got_deltas) and max(got_deltas) < model_bytes  # compressed
+    assert rows[-1]["cum_bytes_down"] == sum(r["bytes_down"] for r in rows)
+    assert rows[-1]["cum_bytes_down_per_round"] == c * sum(got_deltas)
+    assert res.final["cum_bytes_down_per_round"] == rows[-1]["cum_bytes_down_per_round"]
+
+
 # ------------------------------------------------------- server-teacher KD
 def test_server_teacher_is_not_a_target_before_warmup(fd):
     s = fk.make_model("mlp", **STUDENT)
@@ -232,8 +382,53 @@ def test_server_teacher_labeled_warmup_trains_the_teacher_before_round_zero(fd):
 
 
 # ---------------------------------------------------------------- defaults
+def _reddi_algorithm2(x0, deltas, variant, *, lr, b1, b2, tau):
+    """Reddi et al. 2021, Algorithm 2, transcribed in float64 numpy (server side only)."""
+    x = np.asarray(x0, np.float64)
+    m = np.zeros_like(x)
+    v = np.full_like(x, tau**2)  # v_{-1} = tau^2, m_{-1} = 0
+    for d in deltas:
+        d = np.asarray(d, np.float64)
+        m = b1 * m + (1 - b1) * d
+        if variant == "adam":
+            v = b2 * v + (1 - b2) * d**2
+        else:  # yogi
+            v = v - (1 - b2) * d**2 * np.sign(v - d**2)
+        x = x + lr * m / (np.sqrt(v) + tau)  # no bias correction
+    return x
+
+
+@pytest.mark.parametrize("name,variant", [("fedadam", "adam"), ("fedyogi", "yogi")])
+def test_fedadam_fedyogi_default_to_reddi_algorithm_2(name, variant):
+    from fedkd_jax.algorithms import server_optimizer
+
+    rng = np.random.default_rng(0)
+    x0 = {"b": rng.normal(size=3).astype(np.float32), "w": rng.normal(size=(4, 5)).astype(np.float32)}
+    # deltas both well below and well above tau, and a sign change of v - delta^2 for Yogi
+    scales = (3e-4, 0.5, 2e-3, 0.05)
+    deltas = [{k: (s * rng.normal(size=v.shape)).astype(np.float32) for k, v in x0.items()} for s in scales]
+    hp = dict(lr=0.03, b1=0.9, b2=0.99, tau=1e-3)
+    opt = server_optimizer(name, **hp)  # form="reddi" is the default
+    params = jax.tree.map(jnp.asarray, x0)
+    state = opt.init(params)
+    for d in deltas:
+        upd, state = jax.jit(opt.update)(jax.tree.map(lambda a: -jnp.asarray(a), d), state, params)
+        params = optax.apply_updates(params, upd)
+    for k in x0:
+        expect = _reddi_algorithm2(x0[k], [d[k] for d in deltas], variant, **hp)
+        np.testing.assert_allclose(np.asarray(params[k]), expect, rtol=2e-6, atol=1e-7)
+    # optax's form (bias-corrected) differs measurably after these steps
+    opt2 = server_optimizer(name, form="optax", **hp)
+    p2, st2 = jax.tree.map(jnp.asarray, x0), opt2.init(jax.tree.map(jnp.asarray, x0))
+    for d in deltas:
+        upd, st2 = opt2.update(jax.tree.map(lambda a: -jnp.asarray(a), d), st2, p2)
+        p2 = optax.apply_updates(p2, upd)
+    assert np.abs(np.asarray(p2["w"]) - np.asarray(params["w"])).max() > 1e-3
+
+
 def test_server_optimizer_defaults_follow_reddi_and_explicit_values_win():
-    from fedkd_jax.algorithms import SERVER_DEFAULTS, server_optimizer
+    from fedkd_jax.algorithms import SERVER_DEFAULTS, ReddiState, server_optimizer
+    from fedkd_jax.builders import build_algorithm, build_data, build_model
     from fedkd_jax.config import load_config, resolve_defaults
 
     params = {"w": jnp.ones(3)}
@@ -242,15 +437,45 @@ def test_server_optimizer_defaults_follow_reddi_and_explicit_values_win():
     def first_update(opt):
         return np.asarray(opt.update(g, opt.init(params), params)[0]["w"])
 
-    np.testing.assert_allclose(first_update(server_optimizer("fedadam")),
+    # the optax form stays reachable by name
+    np.testing.assert_allclose(first_update(server_optimizer("fedadam", form="optax")),
                                first_update(optax.adam(1e-2, b1=0.9, b2=0.99, eps=1e-3)), rtol=1e-6)
-    np.testing.assert_allclose(first_update(server_optimizer("fedyogi", lr=0.3)),
+    np.testing.assert_allclose(first_update(server_optimizer("fedyogi", lr=0.3, form="optax")),
                                first_update(optax.yogi(0.3, b1=0.9, b2=0.99, eps=1e-3)), rtol=1e-6)
     assert SERVER_DEFAULTS["fedavgm"]["momentum"] == 0.9
     cfg = resolve_defaults(load_config(None, ["server.optimizer=fedadam"]))
-    assert (cfg.server.lr, cfg.server.tau, cfg.server.b2) == (1e-2, 1e-3, 0.99)
+    assert (cfg.server.lr, cfg.server.tau, cfg.server.b2, cfg.server.adaptive_form) == (1e-2, 1e-3, 0.99, "reddi")
     cfg = resolve_defaults(load_config(None, ["server.optimizer=fedadam", "server.lr=0.05"]))
     assert cfg.server.lr == 0.05
+    # the config's form reaches the built algorithm's server state
+    small = ["algorithm=fedavg", "server.optimizer=fedyogi", "data.num_clients=4", "run.cohort_size=2",
+             "model.hidden=[4]"]
+    for form in ("reddi", "optax"):
+        c = load_config(None, small + [f"server.adaptive_form={form}"])
+        data = build_data(c)
+        st = build_algorithm(c, build_model(c, data), data).init(jax.random.key(0))
+        assert isinstance(st.opt_state, ReddiState) == (form == "reddi")
+    with pytest.raises(fk.errors.ConfigError) as e:
+        load_config(None, ["server.adaptive_form=paper"])
+    assert e.value.field == "server.adaptive_form"
+
+
+def test_runs_saved_before_adaptive_form_resume_with_optax(tmp_path):
+    import json
+
+    from fedkd_jax.config import load_config, to_dict
+    from fedkd_jax.runner.resume import saved_config
+
+    d = to_dict(load_config(None, ["server.optimizer=fedadam"]))
+    del d["server"]["adaptive_form"]  # a config.json written before the key existed
+    d["data"]["min_examples"] = 2  # then every partition's default
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    for old in (saved_config(str(tmp_path)), load_config(None, [], base=str(tmp_path / "config.json"))):
+        assert old.server.adaptive_form == "optax" and old.data.min_examples is None
+    assert load_config(None, []).server.adaptive_form == "reddi"
+    d["server"]["adaptive_form"] = "reddi"  # a config saved today keeps an explicit 2
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert saved_config(str(tmp_path)).data.min_examples == 2
 
 
 # -------------------------------------------------------------- partitions
@@ -266,6 +491,45 @@ def test_dirichlet_client_gives_equal_sizes_and_skewed_classes(digits):
     assert top_share > 0.6  # alpha = 0.1: clients hold few classes
     iidish = fk.data.dirichlet_client(y, 20, 1000.0, np.random.default_rng(0))
     assert np.mean([np.bincount(y[p], minlength=10).max() / size for p in iidish]) < 0.25
+
+
+def _niid_bench_labeldir(y, n_parties, beta, rng, min_require_size=10):
+    """Xtra-Computing/NIID-Bench utils.py, partition 'noniid-labeldir', transcribed
+    (np.random replaced by the generator ``rng``)."""
+    min_size, N = 0, y.shape[0]
+    while min_size < min_require_size:
+        idx_batch = [[] for _ in range(n_parties)]
+        for k in np.unique(y):
+            idx_k = np.where(y == k)[0]
+            rng.shuffle(idx_k)
+            proportions = rng.dirichlet(np.repeat(beta, n_parties))
+            proportions = np.array([p * (len(idx_j) < N / n_parties) for p, idx_j in zip(proportions, idx_batch)])
+            proportions = proportions / proportions.sum()
+            proportions = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
+            idx_batch = [idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, proportions))]
+            min_size = min([len(idx_j) for idx_j in idx_batch])
+    return idx_batch
+
+
+def test_dirichlet_balanced_is_niid_benchs_partition(digits):
+    y = digits.y
+    for n, alpha, seed in ((10, 0.5, 0), (20, 0.1, 1), (30, 0.3, 2)):
+        got = fk.data.dirichlet_balanced(y, n, alpha, np.random.default_rng(seed))
+        ref = _niid_bench_labeldir(y, n, alpha, np.random.default_rng(seed))
+        assert [sorted(p.tolist()) for p in got] == [sorted(r) for r in ref], (n, alpha)
+        assert got.sizes.min() >= 10
+    # the balancing step changes the split: the plain per-class draw leaves larger extremes
+    plain = fk.data.dirichlet(y, 20, 0.1, np.random.default_rng(1), min_examples=10)
+    bal = fk.data.dirichlet_balanced(y, 20, 0.1, np.random.default_rng(1))
+    assert bal.sizes.max() < plain.sizes.max()
+    assert fk.data.default_min_examples("dirichlet_balanced") == 10
+    assert fk.data.default_min_examples("dirichlet") == fk.data.default_min_examples("quantity") == 2
+    # unset min_examples: the partition's default reaches the split
+    fd = fk.federate(digits, partition="dirichlet_balanced", num_clients=20, seed=0, alpha=0.5, test_fraction=0.0)
+    assert fd.counts.min() >= 10
+    with pytest.raises(fk.errors.DataError) as e:  # NIID-Bench's minimum is out of reach here
+        fk.federate(digits, partition="dirichlet_balanced", num_clients=140, seed=0, alpha=0.5)
+    assert e.value.field == "data.min_examples"
 
 
 def test_local_steps_mode_reshuffles_every_pass():

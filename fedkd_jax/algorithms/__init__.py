@@ -17,10 +17,13 @@ from fedkd_jax.algorithms.local import (
     tree_where,
 )
 from fedkd_jax.algorithms.optimizers import (
+    ADAPTIVE_FORMS,
     CLIENT_OPTIMIZERS,
     SERVER_DEFAULTS,
     SERVER_OPTIMIZERS,
+    ReddiState,
     client_optimizer,
+    reddi_adaptive,
     server_optimizer,
     server_settings,
 )
@@ -28,6 +31,7 @@ from fedkd_jax.algorithms.optimizers import (
 ALGORITHMS = ("fedavg", "fedprox", "fedkd", "server_teacher_kd", "feddf")
 
 __all__ = [
+    "ADAPTIVE_FORMS",
     "ALGORITHMS",
     "CLIENT_OPTIMIZERS",
     "SERVER_DEFAULTS",
@@ -37,6 +41,7 @@ __all__ = [
     "FedAvgState",
     "FedDFState",
     "FederatedAlgorithm",
+    "ReddiState",
     "ServerTeacherState",
     "TeacherState",
     "batch_schedule",
@@ -50,6 +55,7 @@ __all__ = [
     "local_train",
     "num_local_steps",
     "real_steps",
+    "reddi_adaptive",
     "scan_batches",
     "server_optimizer",
     "server_settings",

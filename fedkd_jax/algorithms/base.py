@@ -34,7 +34,7 @@ class ClientData(NamedTuple):
       x: ``[M, D]`` features; y: ``[M]`` labels; count: scalar, real rows.
       straggler: int32 scalar: ``FULL_WORK`` (0); ``STRAGGLER`` (1), a FedProx
         straggler doing a uniform random amount of work strictly below its full
-        local work; ``LEGACY_STRAGGLER`` (2), the older draw, up to full work.
+        local work (whole epochs when ``E >= 2``); ``LEGACY_STRAGGLER`` (2), the older draw, up to full work.
     """
 
     x: jax.Array

@@ -9,13 +9,18 @@ its data, and uploads its delta; the server averages deltas weighted by
 example counts and applies ``server_optimizer`` to the negated mean delta.
 
 Straggler simulation (FedProx's comparison, Li et al. 2020, Sec. 5.2): the
-engine marks exactly ``round(fraction * C)`` clients of each cohort as
-stragglers (``ClientData.straggler``); each does a uniform random number of
-its real local steps strictly below the full number (``1 .. full - 1``; a
-client whose full work is a single step does none). FedAvg drops those
-clients (weight 0, nothing uploaded); FedProx (``fedkd_jax.algorithms.fedprox``)
-keeps their partial work. The older per-client coin flip with up to full work
-is ``straggler_mode="bernoulli"`` in the engine.
+engine marks exactly ``C - round(C * (1 - fraction))`` clients of each cohort
+as stragglers (``ClientData.straggler``; the count of FedProx's reference
+code, :func:`fedkd_jax.engine.cohort.straggler_count`). As in that code, with
+``E >= 2`` local epochs a straggler trains a uniform random number of *whole
+epochs* in ``1 .. E - 1``. With one epoch (where the reference code's
+``randint(1, 1)`` has no value) or in ``local_steps`` mode, it takes a uniform
+random number of real steps in ``1 .. full - 1``; a client whose full work is
+a single step then does none. FedAvg drops stragglers (weight 0, nothing
+uploaded); FedProx (``fedkd_jax.algorithms.fedprox``) keeps their partial work,
+but a straggler left with zero steps contributes nothing: no count, no zero
+delta in the mean, no upload bytes. The older per-client coin flip with up to
+full work is ``straggler_mode="bernoulli"`` in the engine.
 """
 
 from __future__ import annotations
@@ -42,14 +47,20 @@ class FedAvgState(NamedTuple):
     opt_state: optax.OptState
 
 
-def straggler_steps(key: jax.Array, code: jax.Array, full: jax.Array) -> jax.Array:
+def straggler_steps(key: jax.Array, code: jax.Array, full: jax.Array, *, epochs: int = 1) -> jax.Array:
     """Real local steps a client may take this round, given its ``ClientData.straggler`` code.
 
-    ``FULL_WORK``: ``full``. ``STRAGGLER``: uniform in ``1 .. full - 1`` (0 when
-    ``full < 2``: no partial amount exists). ``LEGACY_STRAGGLER``: uniform in ``1 .. full``.
+    ``FULL_WORK``: ``full``. ``STRAGGLER``: with ``epochs >= 2`` (static; ``full``
+    is then ``epochs`` times the client's steps per epoch), ``e`` whole epochs,
+    ``e`` uniform in ``1 .. epochs - 1`` (FedProx's reference code); with one
+    epoch, uniform in ``1 .. full - 1`` steps (0 when ``full < 2``: no partial
+    amount exists). ``LEGACY_STRAGGLER``: uniform in ``1 .. full``.
     """
     k = jax.random.fold_in(key, _STRAGGLER)
-    below = jnp.where(full >= 2, jax.random.randint(k, (), 1, jnp.maximum(full, 2)), 0)
+    if epochs >= 2:
+        below = jax.random.randint(k, (), 1, epochs) * (full // epochs)
+    else:
+        below = jnp.where(full >= 2, jax.random.randint(k, (), 1, jnp.maximum(full, 2)), 0)
     legacy = jnp.minimum(jax.random.randint(k, (), 1, jnp.maximum(full, 1) + 1), full)
     code = jnp.asarray(code)
     return jnp.where(code == STRAGGLER, below, jnp.where(code == LEGACY_STRAGGLER, legacy, full))
@@ -98,9 +109,10 @@ def local_sgd_algorithm(
 
         weight = data.count.astype(jnp.float32)
         full = real_steps(data.count, data.x.shape[0], batch_size, epochs=local_epochs, steps=local_steps)
-        cap = straggler_steps(key, data.straggler, full)
+        cap = straggler_steps(key, data.straggler, full, epochs=local_epochs if local_steps is None else 1)
         if drop_stragglers:
             weight = jnp.where(jnp.asarray(data.straggler) != FULL_WORK, 0.0, weight)
+        weight = jnp.where(cap > 0, weight, 0.0)  # no step taken: nothing to contribute or upload
         new_params, metrics = local_train(
             loss_fn, params, client_optimizer, data.x, data.y, data.count, key,
             batch_size=batch_size, epochs=local_epochs, steps=local_steps, max_real_steps=cap,

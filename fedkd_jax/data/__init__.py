@@ -11,7 +11,17 @@ from fedkd_jax.data.datasets import (
 )
 from fedkd_jax.data.federated import FederatedData, federate, load_dataset
 from fedkd_jax.data.proxy import PROXY_SOURCES, load_proxy, resize_images
-from fedkd_jax.data.partition import PARTITIONS, dirichlet, dirichlet_client, iid, natural, quantity, shards
+from fedkd_jax.data.partition import (
+    PARTITIONS,
+    default_min_examples,
+    dirichlet,
+    dirichlet_balanced,
+    dirichlet_client,
+    iid,
+    natural,
+    quantity,
+    shards,
+)
 
 __all__ = [
     "DATASETS",
@@ -19,7 +29,9 @@ __all__ = [
     "PROXY_SOURCES",
     "Dataset",
     "FederatedData",
+    "default_min_examples",
     "dirichlet",
+    "dirichlet_balanced",
     "dirichlet_client",
     "federate",
     "iid",

@@ -156,7 +156,7 @@ def federate(
     test_fraction: float = 0.2,
     global_test_fraction: float = 0.2,
     proxy_fraction: float = 0.0,
-    min_examples: int = 2,
+    min_examples: int | None = None,
 ) -> FederatedData:
     """Split ``dataset`` over clients into an index-based :class:`FederatedData`.
 
@@ -165,6 +165,8 @@ def federate(
     set is the union of the clients' local test splits instead) and the proxy
     rows (``proxy_fraction``); partition the rest; split each client's rows
     into local train and test (``test_fraction``, keeping at least one train row).
+    ``min_examples`` (``dirichlet``, ``dirichlet_balanced``, ``quantity``):
+    unset, the partition's default (:func:`~fedkd_jax.data.partition.default_min_examples`).
     """
     ds_lib.validate_dataset(dataset)
     if partition not in part_lib.PARTITIONS:
@@ -195,10 +197,14 @@ def federate(
                 f"{num_clients} clients but only {len(pool)} training examples; use at most {len(pool)} clients",
             )
     y_pool = dataset.y[pool]
+    if min_examples is None:
+        min_examples = part_lib.default_min_examples(partition)
     if partition == "iid":
         parts = part_lib.iid(len(pool), num_clients, rng, examples_per_client=examples_per_client)
     elif partition == "dirichlet":
         parts = part_lib.dirichlet(y_pool, num_clients, alpha, rng, min_examples=min_examples)
+    elif partition == "dirichlet_balanced":
+        parts = part_lib.dirichlet_balanced(y_pool, num_clients, alpha, rng, min_examples=min_examples)
     elif partition == "dirichlet_client":
         parts = part_lib.dirichlet_client(y_pool, num_clients, alpha, rng, examples_per_client=examples_per_client)
     elif partition == "shards":

@@ -15,7 +15,16 @@ import numpy as np
 
 from fedkd_jax.errors import DataError
 
-PARTITIONS = ("iid", "dirichlet", "dirichlet_client", "shards", "quantity", "natural")
+PARTITIONS = ("iid", "dirichlet", "dirichlet_balanced", "dirichlet_client", "shards", "quantity", "natural")
+
+# NIID-Bench's min_require_size (Xtra-Computing/NIID-Bench, utils.py): dirichlet_balanced redraws until
+# every client holds this many; the other size-drawing partitions default to 2.
+NIID_BENCH_MIN_SIZE = 10
+
+
+def default_min_examples(partition: str) -> int:
+    """``data.min_examples`` when unset: NIID-Bench's 10 for ``dirichlet_balanced``, else 2."""
+    return NIID_BENCH_MIN_SIZE if partition == "dirichlet_balanced" else 2
 
 
 class Partition:
@@ -118,10 +127,10 @@ def dirichlet(
 ) -> Partition:
     """Label skew, per-class split: each class is divided over the clients in
     proportions ``~ Dir(alpha)`` (Yurochkin et al. 2019, "Bayesian Nonparametric
-    Federated Learning of Neural Networks"; the NIID-Bench form of Li et al. 2022,
-    "Federated Learning on Non-IID Data Silos: An Experimental Study"; FedDF's
-    non-IID setting). Client sizes vary. For per-client class proportions
-    (Hsu et al. 2019) see :func:`dirichlet_client`.
+    Federated Learning of Neural Networks"), *without* the balancing step of
+    NIID-Bench (that form is :func:`dirichlet_balanced`), so client sizes vary
+    freely. For per-client class proportions (Hsu et al. 2019) see
+    :func:`dirichlet_client`.
 
     Small ``alpha`` gives each client few classes; ``alpha -> inf`` tends to IID.
     Draws are repeated until every client holds at least ``min_examples``.
@@ -143,6 +152,56 @@ def dirichlet(
         "data.alpha",
         f"Dirichlet(alpha={alpha}) left some of {num_clients} clients with fewer than "
         f"{min_examples} examples in {max_tries} draws; raise data.alpha or lower data.num_clients",
+    )
+
+
+def dirichlet_balanced(
+    y: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    *,
+    min_examples: int = NIID_BENCH_MIN_SIZE,
+    max_tries: int = 1000,
+) -> Partition:
+    """NIID-Bench's label-skew split (Li et al. 2022, "Federated Learning on Non-IID
+    Data Silos: An Experimental Study", ``noniid-labeldir`` in Xtra-Computing/NIID-Bench
+    ``utils.py``; the same loop as FedMA's and MOON's code).
+
+    Classes are dealt in turn. For each, proportions ``p ~ Dir(alpha)`` over the
+    clients are drawn, then *balanced*: ``p_j`` is set to 0 for every client that
+    already holds at least ``N / num_clients`` examples (``N`` the pool), and
+    renormalised; the class's shuffled rows are cut at
+    ``floor(cumsum(p) * n_class)``. The whole draw repeats until every client holds
+    at least ``min_examples`` (NIID-Bench's ``min_require_size``, 10). On a
+    small pool with many clients that minimum may be out of reach: the error
+    then names ``data.min_examples``.
+    """
+    n = len(y)
+    if num_clients * min_examples > n:
+        raise DataError("data.min_examples", f"{num_clients} clients x {min_examples} examples exceeds the {n} "
+                                             "training examples; lower data.min_examples or data.num_clients")
+    classes = np.unique(y)
+    by_class = [np.flatnonzero(y == c) for c in classes]
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        sizes = np.zeros(num_clients, np.int64)
+        for idx in by_class:
+            idx = rng.permutation(idx)
+            p = rng.dirichlet(np.full(num_clients, alpha))
+            p = p * (sizes < n / num_clients)  # the balancing step: full clients get no more
+            p = p / p.sum()
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
+            for c, chunk in enumerate(np.split(idx, cuts)):
+                parts[c].append(chunk)
+                sizes[c] += len(chunk)
+        if sizes.min() >= min_examples:
+            return Partition.from_lists([np.sort(np.concatenate(p)) for p in parts])
+    raise DataError(
+        "data.min_examples",
+        f"NIID-Bench's balanced Dirichlet(alpha={alpha}) left some of {num_clients} clients with fewer than "
+        f"{min_examples} examples in {max_tries} draws; lower data.min_examples, raise data.alpha or lower "
+        "data.num_clients",
     )
 
 

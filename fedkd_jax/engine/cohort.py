@@ -16,7 +16,7 @@ current one computes.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,11 +59,32 @@ def poisson_capacity(num_clients: int, cohort_size: int) -> int:
     return min(num_clients, int(math.ceil(cohort_size + 7 * math.sqrt(num_clients * q * (1 - q)) + 1)))
 
 
-def straggler_flags(rkey: jax.Array, cohort_size: int, padded: int, fraction: float, mode: str) -> jax.Array:
+def straggler_count(fraction: float, cohort_size: int) -> int:
+    """Stragglers in a cohort of ``C``: ``C - round(C * (1 - fraction))``.
+
+    The one definition of the count, on the host: FedProx's reference code
+    (litian96/FedProx, ``flearn/trainers/fedprox.py``) keeps
+    ``round(C * (1 - drop_percent))`` active clients with Python's float64
+    arithmetic and round-half-to-even, and so does this. ``round(fraction * C)``
+    differs at 242 of the (fraction, C) pairs on a 0.01 x 1..200 grid (ties such
+    as ``(0.02, 25)``: 1 straggler here, 0 there), and float32 arithmetic on a
+    traced fraction differs again (``(0.59, 50)``: 30 here, 29 from
+    ``jnp.round(float32(0.59) * 50)``; ``(0.3, 45)``: 14 here, 13 from this
+    formula in float32). So the program never derives the count itself: single
+    runs and every run of a batched sweep pass this integer in.
+    """
+    c = int(cohort_size)
+    return c - round(c * (1.0 - float(fraction)))
+
+
+def straggler_flags(rkey: jax.Array, cohort_size: int, padded: int, fraction: Any, mode: str,
+                    count: Any = None) -> jax.Array:
     """``[padded]`` int32 ``ClientData.straggler`` codes for the cohort's positions (in the program).
 
-    ``fixed`` (FedProx, Li et al. 2020): exactly ``round(fraction * C)`` of the
-    ``C`` real positions, uniformly at random, are ``STRAGGLER``.
+    ``fixed`` (FedProx, Li et al. 2020): exactly ``count`` of the ``C`` real
+    positions, uniformly at random, are ``STRAGGLER``; ``count`` (an integer,
+    possibly traced) comes from :func:`straggler_count` on the host, which is
+    also its default for a Python ``fraction``.
     ``bernoulli`` (the older draw): each position independently with
     probability ``fraction``, coded ``LEGACY_STRAGGLER``. Padding positions are
     never stragglers.
@@ -71,8 +92,11 @@ def straggler_flags(rkey: jax.Array, cohort_size: int, padded: int, fraction: fl
     key = jax.random.fold_in(rkey, _STRAGGLERS)
     u = jax.random.uniform(key, (cohort_size,))
     if mode == "fixed":
-        # Python's round (half to even), as FedProx's reference code; jnp.round agrees for swept values
-        k = round(fraction * cohort_size) if isinstance(fraction, (int, float)) else jnp.round(fraction * cohort_size)
+        if count is None:
+            if not isinstance(fraction, (int, float)):
+                raise TypeError("a traced straggler fraction needs its count from straggler_count() on the host")
+            count = straggler_count(fraction, cohort_size)
+        k = jnp.asarray(count).astype(jnp.int32)
         rank = jnp.argsort(jnp.argsort(u))
         flags = jnp.where(rank < k, STRAGGLER, FULL_WORK)
     else:

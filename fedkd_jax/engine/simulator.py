@@ -54,6 +54,7 @@ from fedkd_jax.engine.cohort import (
     make_plan,
     padded_cohort,
     poisson_capacity,
+    straggler_count,
     straggler_flags,
     union_size,
 )
@@ -100,8 +101,10 @@ class Simulator:
       downlink: optional compression of the server's global update on its way
         down (FedKD, Wu et al. 2022). The server's model becomes the previous
         model plus the *decompressed* update, i.e. exactly what every client
-        holding the previous global model reconstructs, and ``bytes_down``
-        counts the compressed payload per cohort client.
+        holding the previous global model reconstructs; the metric
+        ``bytes_down_client`` is the size of that compressed delta (the run log
+        charges each sampled client the deltas it missed or the whole model,
+        :mod:`fedkd_jax.runner.downlink`).
       straggler_fraction: share of each cohort that straggles (see
         :func:`~fedkd_jax.engine.cohort.straggler_flags`); only for algorithms
         with ``supports_stragglers``.
@@ -119,8 +122,10 @@ class Simulator:
       store_dir: directory of the ``disk`` store.
       max_examples: pad every client to this many rows (default: the largest
         client); a batched sweep pads all its runs to one width.
-      build: ``hp -> (algorithm, aggregator, downlink, straggler_fraction)``
-        from traced hyperparameters, for batched sweeps (:mod:`fedkd_jax.sweeps`).
+      build: ``hp -> (algorithm, aggregator, downlink, (straggler_fraction, straggler_count))``
+        from traced hyperparameters, for batched sweeps (:mod:`fedkd_jax.sweeps`);
+        the count is the host's :func:`~fedkd_jax.engine.cohort.straggler_count`
+        of the run, traced as an integer.
     """
 
     def __init__(
@@ -171,6 +176,7 @@ class Simulator:
         # transforms that need the whole cohort's ids (secure aggregation's pairwise masks)
         self._needs_cohort = any(getattr(t.encode, "needs_cohort", False) for t in aggregator.transforms)
         self.straggler_fraction = float(straggler_fraction)
+        self.straggler_count = straggler_count(self.straggler_fraction, cohort_size)
         self.straggler_mode = straggler_mode
         if sampling not in ("fixed", "poisson"):
             raise ConfigError("privacy.sampling", f"unknown value {sampling!r}; allowed: fixed, poisson")
@@ -330,11 +336,11 @@ class Simulator:
         return jax.tree.unflatten(treedef, leaves), per_client_out
 
     def _round(self, state: SimState, union, ids, rows, counts, pos, pool: PoolData, sdata, hp=None):
-        alg, agg, downlink, strag_frac = self._parts(hp)
+        alg, agg, downlink, (strag_frac, strag_count) = self._parts(hp)
         rkey = round_key(state.key, state.round)
         if self.straggler_fraction > 0:
             stragglers = straggler_flags(rkey, self.cohort_size, self.padded_cohort, strag_frac,
-                                         self.straggler_mode)
+                                         self.straggler_mode, strag_count)
         else:
             stragglers = jnp.zeros((self.padded_cohort,), jnp.int32)
         bcast = alg.broadcast(state.server)
@@ -397,10 +403,11 @@ class Simulator:
         return SimState(state.round + 1, server, state.key, agg_state), union, metrics
 
     def _parts(self, hp):
-        """The algorithm, chain, downlink and straggler share of a round: the static ones,
-        or (batched sweeps) those ``self.build`` makes from traced hyperparameters ``hp``."""
+        """The algorithm, chain, downlink and (straggler share, straggler count) of a round:
+        the static ones, or (batched sweeps) those ``self.build`` makes from traced
+        hyperparameters ``hp``."""
         if hp is None:
-            return self.algorithm, self.aggregator, self.downlink, self.straggler_fraction
+            return self.algorithm, self.aggregator, self.downlink, (self.straggler_fraction, self.straggler_count)
         alg, agg, downlink, strag = self.build(hp)
         return alg, agg, (compress(downlink) if isinstance(downlink, Compressor) else downlink), strag
 

@@ -26,6 +26,7 @@ from fedkd_jax.errors import CheckpointError
 from fedkd_jax.plan import privacy_setup  # noqa: F401 - re-exported (resolved in the plan)
 from fedkd_jax.runner.checkpoint import Checkpointer
 from fedkd_jax.runner.client_store import IntegrityError
+from fedkd_jax.runner.downlink import RunDownlink
 from fedkd_jax.runner.outputs import MetricsLog, plot_accuracy
 from fedkd_jax.runner.resume import complete_rows
 
@@ -144,6 +145,7 @@ class RunContext:
         self.wall0 = float(last.get("wall_time", 0.0))
         self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
         self.bytes_down = sim.round_bytes()[1]
+        self._start_downlink(self.log.rows)
         self.t_start = time.perf_counter()
         self.first_dispatch = None
         self.limit, self.budget_note = r.rounds, None
@@ -169,6 +171,18 @@ class RunContext:
         self.cum_up, self.cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
         self.wall0 = float(last.get("wall_time", 0.0))
         self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
+        self._start_downlink(self.log.rows)
+
+    def _start_downlink(self, rows: list[dict]) -> None:
+        """With downlink compression: the ledger of what each sampled client downloads
+        (:mod:`fedkd_jax.runner.downlink`), replayed over the rows already logged."""
+        from fedkd_jax.engine.cohort import key_bits
+
+        self.downlink = None
+        if self.sim.downlink is not None:
+            self.downlink = RunDownlink(self.sim, key_bits(self.state.key))
+            self.downlink.replay(rows)
+        self.cum_down_per_round = int(rows[-1].get("cum_bytes_down_per_round", 0)) if rows else 0
 
     def chunk(self, at: int) -> int:
         """Rounds in the dispatch starting at ``at``: boundaries are absolute multiples of every
@@ -189,8 +203,12 @@ class RunContext:
             row["clients_contributing"] = int(m["clients_contributing"][i])
             row["round_time"] = seconds / n
             row["bytes_up"] = int(np.asarray(m["bytes_up_clients"][i], np.int64).sum())
-            if "bytes_down_client" in m:  # downlink compression: the payload each cohort client receives
-                row["bytes_down"] = r.cohort_size * int(m["bytes_down_client"][i])
+            if self.downlink is not None:  # compressed deltas: each sampled client's catch-up (runner.downlink)
+                delta = int(m["bytes_down_client"][i])
+                row["bytes_down"], per_round = self.downlink.charge(self.done + i, delta)
+                self.cum_down_per_round += per_round
+                row["bytes_down_delta"], row["bytes_down_per_round"] = delta, per_round
+                row["cum_bytes_down_per_round"] = self.cum_down_per_round
             else:
                 row["bytes_down"] = self.bytes_down
             self.cum_up += row["bytes_up"]
@@ -229,6 +247,8 @@ class RunContext:
         final = dict(self.last_eval)
         if self.log.rows:
             final.update({k: self.log.rows[-1].get(k) for k in ("train_loss", "cum_bytes_up", "cum_bytes_down")})
+            if "cum_bytes_down_per_round" in self.log.rows[-1]:
+                final["cum_bytes_down_per_round"] = self.log.rows[-1]["cum_bytes_down_per_round"]
         notes = list(self.ckpt.events) + ([self.budget_note] if self.budget_note and self.done >= self.limit else [])
         notes += [self.noise_note] if self.noise_note else []
         if self.accountant is not None:

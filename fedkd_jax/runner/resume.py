@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from fedkd_jax.config import Config, flatten, from_dict, to_dict  # noqa: F401 - flatten re-exported
+from fedkd_jax.config import Config, flatten, from_dict, to_dict, upgrade_saved  # noqa: F401 - flatten re-exported
 from fedkd_jax.errors import ConfigError
 
 # Settings that change neither parameters nor the metrics a round produces:
@@ -37,7 +37,7 @@ def saved_config(run_dir: str) -> Config | None:
         return None
     try:
         with open(path) as f:
-            return from_dict(json.load(f))
+            return from_dict(upgrade_saved(json.load(f)))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("--out", f"{path!r} is not valid JSON ({e}); the run cannot be resumed") from None
 

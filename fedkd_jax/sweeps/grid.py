@@ -27,7 +27,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedkd_jax.config import Config, flatten, from_dict, to_dict
 from fedkd_jax.errors import ConfigError
-from fedkd_jax.plan import HOST, TRACED, resolve_config, static_part, traced_part  # noqa: F401 - re-exported
+from fedkd_jax.plan import (  # noqa: F401 - re-exported
+    HOST,
+    TRACED,
+    TRACED_DERIVED,
+    resolve_config,
+    static_part,
+    traced_part,
+)
 
 UNSWEEPABLE = {
     "run.rounds": "every run of a sweep advances through the same rounds (sweep it with separate sweeps)",
@@ -147,8 +154,11 @@ def hparams(cfg: Config) -> dict[str, float]:
 
 
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:
-    """``cfg`` with ``section.key`` values replaced (no validation: values may be traced)."""
+    """``cfg`` with ``section.key`` values replaced (no validation: values may be traced);
+    :data:`TRACED_DERIVED` entries are not config keys and are skipped."""
     for key, v in values.items():
+        if key in TRACED_DERIVED:
+            continue
         section, _, name = key.partition(".")
         sub = getattr(cfg, section)
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: v})})

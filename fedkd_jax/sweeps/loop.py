@@ -95,11 +95,13 @@ def _auto_runs_per_device(gr, run_dir: str) -> int:
 
 
 def _builder(cfg: Config, model, data, capacity: int):
-    """``hp -> (algorithm, chain, downlink, straggler share)`` from traced values."""
+    """``hp -> (algorithm, chain, downlink, (straggler share, straggler count))`` from traced values."""
     def build(hp: dict[str, Any]):
         c = with_values(cfg, hp)
+        stragglers = (hp.get("client.straggler_fraction", cfg.client.straggler_fraction),
+                      hp["client.straggler_count"])  # the host's integer (sweeps.grid.hparams)
         return (build_algorithm(c, model, data), build_aggregator(c, data, capacity),
-                build_compressor(c, downlink=True), hp.get("client.straggler_fraction", cfg.client.straggler_fraction))
+                build_compressor(c, downlink=True), stragglers)
 
     return build
 
