@@ -2,8 +2,9 @@
 
 1. Accuracy against epsilon (1, 2, 4, 8, inf) for FedAvg and FedKD on a
    population of 10,000 clients (20 digits rows each, resampled), 100 per
-   round, 100 rounds, delta = 1e-5, fixed-size sampling (replace-one
-   epsilon). The noise multiplier for each epsilon is calibrated with
+   round, 100 rounds, delta = 1e-5, Poisson sampling (rate C/N, DP's
+   default; add-or-remove-one epsilon). The noise multiplier for each
+   epsilon is calibrated with
    dp-accounting; clip norm 1 (FedKD: the student's upload).
 2. Membership-inference AUC of each run's shared model (and, for FedKD, a
    private teacher) against epsilon (``fedkd audit``'s attacks), and a
@@ -212,8 +213,9 @@ def _f(m, d=3):
 
 def write_summary(out, rows, leak, sa, hc, clients, cohort, rounds):
     lines = ["# Privacy experiments", "",
-             f"{clients:,} clients (20 digits rows each), {cohort} per round (fixed-size sampling), {rounds} rounds, "
-             "clip norm 1, delta 1e-5; epsilon is replace-one (RDP accountant); the noise multiplier is calibrated to "
+             f"{clients:,} clients (20 digits rows each), {cohort} per round expected (Poisson sampling, DP's default), "
+             f"{rounds} rounds, clip norm 1, delta 1e-5; epsilon is add-or-remove-one (RDP accountant); the noise "
+             "multiplier is calibrated to "
              "reach each epsilon at the last round. Mean ± std over seeds.", "",
              "| algorithm | epsilon | student accuracy | student MIA AUC (loss / calibrated) | teacher MIA AUC (calibrated) |",
              "|---|---|---|---|---|"]
@@ -225,7 +227,7 @@ def write_summary(out, rows, leak, sa, hc, clients, cohort, rounds):
             lines.append(f"| {alg} | {eps} | {_f(acc)} | {_f(la)} / {_f(ca)} | {_f(ta)} |")
     lines += ["", "## Leakage where there is something to leak", "",
               "FedAvg on MNIST-5k, 50 clients of 80 rows (iid, disjoint), 10 per round, 20 local epochs, MLP 784-512-10, "
-              "100 rounds, clip norm 1, delta 1e-3 (replace-one): the model overfits its members. 500 member rows "
+              "100 rounds, clip norm 1, delta 1e-3 (Poisson sampling, add-or-remove-one): the model overfits its members. 500 member rows "
               "against 500 global test rows; calibrated = offline LiRA with 4 shadow models.", "",
               "| epsilon | noise multiplier | test accuracy | loss-attack AUC | calibrated AUC | TPR at 1% FPR |",
               "|---|---|---|---|---|---|"]

@@ -95,7 +95,7 @@ def _server_teacher_kd(cfg, model, data):
     return alg_lib.server_teacher_kd(model, teacher, client_opt, server_opt, data.proxy_x,
                                      alpha=k.alpha, temperature=k.temperature, warmup=k.teacher_warmup,
                                      warmup_rounds=k.warmup_rounds, warmup_steps=k.warmup_steps,
-                                     proxy_y=data.proxy_y, **local, **distill)
+                                     proxy_y=data.proxy_y, logit_weight=cfg.privacy.logit_weight, **local, **distill)
 
 
 def _feddf(cfg, model, data):
@@ -103,7 +103,8 @@ def _feddf(cfg, model, data):
     k = cfg.distill
     return alg_lib.feddf(model, client_opt, server_opt, data.proxy_x, proxy_y=data.proxy_y,
                          temperature=k.temperature, schedule=k.server_schedule, val_fraction=k.val_fraction,
-                         val_every=k.val_every, patience=k.patience, **local, **distill)
+                         val_every=k.val_every, patience=k.patience, logit_weight=cfg.privacy.logit_weight,
+                         **local, **distill)
 
 
 # The algorithm registry: a new algorithm is its own module plus one line here.

@@ -140,6 +140,7 @@ class PrivacyConfig:
     accountant: str = "rdp"  # rdp | pld (pld needs poisson sampling)
     secure_noise: bool = False  # draw DP noise from OS entropy (not reproducible; resume continues with fresh noise)
     log_raw_norm: bool = False  # also log the mean un-noised update norm (analyst-only, not covered by epsilon)
+    logit_weight: float = 1.0  # feddf / server_teacher_kd: weight of the uploaded logit differences in DP's joint clip
 
 
 @dataclass

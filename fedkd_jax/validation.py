@@ -81,6 +81,7 @@ def _validate_privacy(cfg: Config) -> None:
     _positive("privacy.adaptive_lr", p.adaptive_lr)
     _positive("privacy.count_stddev", p.count_stddev, allow_none=True)
     _positive("privacy.max_clip_norm", p.max_clip_norm, allow_none=True)
+    _positive("privacy.logit_weight", p.logit_weight)
     if p.max_clip_norm is not None and p.clip_norm is not None and p.max_clip_norm < p.clip_norm:
         raise ConfigError("privacy.max_clip_norm", f"must be at least privacy.clip_norm ({p.clip_norm:g}), the "
                                                    f"initial norm; got {p.max_clip_norm:g}")

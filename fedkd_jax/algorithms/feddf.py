@@ -89,6 +89,7 @@ def feddf(
     val_every: int = 10,
     patience: int = 2,
     temperature: float = 1.0,
+    logit_weight: float = 1.0,
 ) -> FederatedAlgorithm:
     """Build FedDF (see the module docstring).
 
@@ -98,6 +99,8 @@ def feddf(
         validation rows (early stopping), never to distil.
       distill_steps: the step budget per round (the most, with early stopping).
       val_fraction: share of the proxy held out for early stopping (0: none).
+      logit_weight: the uploaded logit differences are multiplied by it (and the
+        aggregate divided by it): their share of DP's joint clip (see the README).
     """
     proxy = check_proxy(proxy_x, model, "feddf")
     if concrete(temperature) and not temperature > 0:
@@ -128,14 +131,14 @@ def feddf(
         # *relative to the global model's*: what the client adds, small like its delta, so
         # DP's joint clip of (delta, logits) does not spend its budget on the global logits
         proxy = sdata["proxy"]
-        return (proxy_logits(model.apply, jax.tree.map(jnp.add, params, delta), proxy)
-                - proxy_logits(model.apply, params, proxy))
+        return logit_weight * (proxy_logits(model.apply, jax.tree.map(jnp.add, params, delta), proxy)
+                               - proxy_logits(model.apply, params, proxy))
 
     def server_update(state: FedDFState, mean_delta, mean_dlogits, key: jax.Array, sdata):
         avg, _ = base.server_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
         proxy_rows = sdata["proxy"]
         # the ensemble: the global model's logits plus the mean difference (= mean client logits)
-        mean_logits = proxy_logits(model.apply, state.params, proxy_rows) + mean_dlogits
+        mean_logits = proxy_logits(model.apply, state.params, proxy_rows) + mean_dlogits / logit_weight
         val_score = None
         if len(val_rows):
             vx, vt = proxy_rows[val_rows], mean_logits[val_rows]

@@ -86,6 +86,7 @@ def server_teacher_kd(
     warmup_rounds: int = 10,
     warmup_steps: int = 200,
     proxy_y: Any = None,
+    logit_weight: float = 1.0,
 ) -> FederatedAlgorithm:
     """Build server-teacher KD (see the module docstring for every step).
 
@@ -94,6 +95,8 @@ def server_teacher_kd(
       warmup_rounds: teacher updates before clients distil from it (``rounds``).
       warmup_steps: Adam steps of labeled pre-training (``labeled``).
       proxy_y: ``[P]`` labels of the proxy rows, needed by ``labeled`` only.
+      logit_weight: the uploaded logit differences are multiplied by it (and the
+        aggregate divided by it): their share of DP's joint clip.
     """
     proxy = check_proxy(proxy_x, student, "server_teacher_kd")
     if warmup not in WARMUPS:
@@ -156,11 +159,11 @@ def server_teacher_kd(
         # the server's view of this client's student (global + decompressed delta), as logits
         # relative to the global student's (see feddf: DP clips them jointly with the delta)
         params, proxy = bcast[0], sdata["proxy"]
-        return (proxy_logits(student.apply, jax.tree.map(jnp.add, params, delta), proxy)
-                - proxy_logits(student.apply, params, proxy))
+        return logit_weight * (proxy_logits(student.apply, jax.tree.map(jnp.add, params, delta), proxy)
+                               - proxy_logits(student.apply, params, proxy))
 
     def server_update(state: ServerTeacherState, mean_delta, mean_dlogits, key: jax.Array, sdata):
-        mean_logits = proxy_logits(student.apply, state.params, sdata["proxy"]) + mean_dlogits
+        mean_logits = proxy_logits(student.apply, state.params, sdata["proxy"]) + mean_dlogits / logit_weight
         s, _ = student_update(FedAvgState(state.params, state.opt_state), mean_delta, (), key)
         t, t_opt, m = distill_on_proxy(
             teacher.apply, state.teacher, state.teacher_opt_state, teacher_opt, sdata["proxy"], mean_logits, key,
