@@ -47,7 +47,7 @@ def leakage_cells(args, rounds):
 
 
 def audit_rows(rows, runs, keys, quick):
-    from fedkd_jax.privacy.audit import audit_run
+    from fedkd_jax.audit import audit_run
     from fedkd_jax.runner.resume import saved_config
 
     for row in rows:

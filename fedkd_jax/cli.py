@@ -144,7 +144,7 @@ def _audit(args) -> int:
     from fedkd_jax.errors import FedKDError
 
     configure_cpu_devices()
-    from fedkd_jax.privacy.audit import audit_run
+    from fedkd_jax.audit import audit_run
 
     try:
         report = audit_run(args.run_dir, shadows=args.shadows, members=args.members)
