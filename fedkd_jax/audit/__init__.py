@@ -12,10 +12,13 @@ The audit used to live in ``fedkd_jax.privacy.audit``; it moved here so that
 """
 
 from fedkd_jax.audit.attacks import (
+    GLOBAL_VARIANCE_BELOW,
     AttackResult,
     audit_model,
     calibrated,
+    lira_offline,
     loss_threshold,
+    resolved_variance,
     roc_auc,
     row_stats,
     tpr_at_fpr,
@@ -23,12 +26,15 @@ from fedkd_jax.audit.attacks import (
 )
 
 __all__ = [
+    "GLOBAL_VARIANCE_BELOW",
     "AttackResult",
     "AuditReport",
     "audit_model",
     "audit_run",
     "calibrated",
+    "lira_offline",
     "loss_threshold",
+    "resolved_variance",
     "roc_auc",
     "row_stats",
     "tpr_at_fpr",

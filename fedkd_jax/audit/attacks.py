@@ -1,21 +1,43 @@
-"""Membership-inference audits: does a model give away whose data trained it?
+"""Membership-inference attacks: does a model give away whose data trained it?
 
 Two attacks, each scoring target rows (higher = "member"):
 
 * **Loss threshold** (Yeom et al. 2018, "Privacy Risk in Machine Learning"):
   the score is minus the model's loss on the row.
-* **Calibrated, LiRA-lite** (offline LiRA, Carlini et al. 2022, "Membership
-  Inference Attacks From First Principles"): ``K`` shadow models of the same
-  architecture are trained on random halves of a reference pool that holds
-  none of the targets, so every target is *out* for every shadow. For a row
-  with label ``y`` the statistic is the logit-scaled confidence
-  ``phi = log(p_y / (1 - p_y))``; the score is how far the target model's
-  ``phi`` sits above the shadows' mean, in units of their standard deviation.
-  Calibrating per row removes the "easy example" effect that makes the
-  plain loss attack weak.
+* **Offline LiRA** (Carlini et al. 2022, "Membership Inference Attacks From
+  First Principles", IEEE S&P): ``K`` shadow models of the same architecture
+  are trained on random halves of a reference pool that holds none of the
+  targets, so every target is *out* for every shadow. For a row with label
+  ``y`` the statistic is the logit-scaled confidence
+  ``phi = log(p_y / (1 - p_y))``. With ``mu_i`` the mean of row ``i``'s
+  ``phi`` over the shadows, the score is the one-sided z-statistic
+
+      score_i = (phi_i - mu_i) / sigma_i
+
+  (the paper's offline test ``1 - Pr[Z > phi_i]``, ``Z ~ N(mu_i, sigma_i^2)``,
+  is a monotone function of it, so both rank rows, hence AUC and TPR at a
+  fixed FPR, identically). Calibrating per row removes the "easy example"
+  effect that makes the plain loss attack weak.
+
+  The variance: a per-row variance estimated from a handful of shadow
+  models is too noisy, and Carlini et al. recommend one *global* variance
+  shared by all rows when fewer than about 64 shadow models are available
+  (the ``fix_variance`` option of their reference code, tensorflow/privacy
+  ``research/mi_lira_2021``). Below :data:`GLOBAL_VARIANCE_BELOW` (64)
+  shadows :func:`lira_offline` uses the pooled within-row variance of the OUT
+  scores, ``sigma^2 = mean_i var_k(phi_ki)``; from 64 on, each row's own
+  ``var_k(phi_ki)`` (both with ``ddof=0``, as the reference code). The
+  reference code's global estimate (``np.std`` over every OUT score) also
+  counts the spread between rows' means; with one sigma for all rows the
+  ranking is the same whichever constant is used.
 
 Reported per attack: ROC AUC (0.5 = chance) and the true-positive rate at a
 1% false-positive rate (Carlini et al.'s low-FPR figure).
+
+This module holds only the statistics and the shadow trainer; it imports no
+run loop. Choosing a run's members and non-members is
+:mod:`fedkd_jax.audit.targets`; reading a run directory is
+:mod:`fedkd_jax.audit.run_dir`.
 """
 
 from __future__ import annotations
@@ -108,21 +130,64 @@ def loss_threshold(apply: Apply, params: Any, members: tuple, nonmembers: tuple)
     return AttackResult(roc_auc(-lm, -ln), tpr_at_fpr(-lm, -ln))
 
 
-def calibrated(apply: Apply, params: Any, members: tuple, nonmembers: tuple, shadow_params: list) -> AttackResult:
+GLOBAL_VARIANCE_BELOW = 64
+"""Fewer shadow models than this: :func:`lira_offline` uses one global variance."""
+
+VARIANCES = ("auto", "global", "per_example")
+_SD_FLOOR = 1e-6  # a row whose shadows agree exactly would otherwise divide by zero
+
+
+def lira_offline(phi: np.ndarray, shadow_phi: np.ndarray, *, variance: str = "auto") -> np.ndarray:
+    """Offline LiRA scores (see the module docstring).
+
+    Args:
+      phi: ``[n]`` logit-scaled confidences of the targets under the audited model.
+      shadow_phi: ``[K, n]`` the same under ``K >= 2`` shadow models that never saw a target.
+      variance: ``global`` (one pooled variance for all rows), ``per_example``
+        (each row's own), or ``auto``: global below :data:`GLOBAL_VARIANCE_BELOW` shadows.
+
+    Returns:
+      ``[n]`` float64 scores ``(phi - mu) / sigma``; higher = more likely a member.
+    """
+    phi = np.asarray(phi, np.float64)
+    ref = np.asarray(shadow_phi, np.float64)
+    if ref.ndim != 2 or ref.shape[1] != phi.shape[0]:
+        raise ValueError(f"shadow_phi must be [K, {phi.shape[0]}]; got {ref.shape}")
+    if ref.shape[0] < 2:
+        raise ValueError(f"offline LiRA needs at least 2 shadow models to estimate a variance; got {ref.shape[0]}")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+    if variance == "auto":
+        variance = resolved_variance(ref.shape[0])
+    mu = ref.mean(0)
+    var = ref.var(0)
+    sd = np.sqrt(var.mean()) if variance == "global" else np.sqrt(var)
+    return (phi - mu) / np.maximum(sd, _SD_FLOOR)
+
+
+def resolved_variance(shadows: int) -> str:
+    """What ``variance="auto"`` means for ``shadows`` shadow models."""
+    return "global" if shadows < GLOBAL_VARIANCE_BELOW else "per_example"
+
+
+def calibrated(apply: Apply, params: Any, members: tuple, nonmembers: tuple, shadow_params: list, *,
+               variance: str = "auto") -> AttackResult:
     """Offline LiRA with shadow models that never saw a target (see the module docstring)."""
     x = np.concatenate([members[0], nonmembers[0]])
     y = np.concatenate([members[1], nonmembers[1]])
     _, phi = row_stats(apply, params, x, y)
     ref = np.stack([row_stats(apply, p, x, y)[1] for p in shadow_params])
-    mu, sd = ref.mean(0), ref.std(0) + 1e-3
-    score = (phi - mu) / sd
+    score = lira_offline(phi, ref, variance=variance)
     m = len(members[1])
     return AttackResult(roc_auc(score[:m], score[m:]), tpr_at_fpr(score[:m], score[m:]))
 
 
 def audit_model(init: Callable, apply: Apply, params: Any, members: tuple, nonmembers: tuple, pool: tuple, *,
-                shadows: int = 4, seed: int = 0, shadow_epochs: int = 30) -> dict[str, float]:
-    """Both attacks on one model. ``pool``: reference rows holding none of the targets."""
+                shadows: int = 4, seed: int = 0, shadow_epochs: int = 30, variance: str = "auto") -> dict[str, Any]:
+    """Both attacks on one model. ``pool``: reference rows holding none of the targets
+    (each shadow trains on a random half of it)."""
+    if shadows < 2:
+        raise ValueError(f"the calibrated attack needs at least 2 shadow models; got {shadows}")
     rng = np.random.default_rng(seed)
     shadow = []
     for k in range(shadows):
@@ -130,7 +195,8 @@ def audit_model(init: Callable, apply: Apply, params: Any, members: tuple, nonme
         shadow.append(train_centrally(init, apply, pool[0][half], pool[1][half], jax.random.key(seed * 1000 + k),
                                       epochs=shadow_epochs))
     lt = loss_threshold(apply, params, members, nonmembers)
-    ca = calibrated(apply, params, members, nonmembers, shadow)
+    ca = calibrated(apply, params, members, nonmembers, shadow, variance=variance)
     return {"loss_auc": lt.auc, "loss_tpr_at_1pct_fpr": lt.tpr_at_1pct_fpr,
             "calibrated_auc": ca.auc, "calibrated_tpr_at_1pct_fpr": ca.tpr_at_1pct_fpr,
-            "members": len(members[1]), "nonmembers": len(nonmembers[1]), "shadows": shadows}
+            "members": len(members[1]), "nonmembers": len(nonmembers[1]), "shadows": shadows,
+            "variance": resolved_variance(shadows) if variance == "auto" else variance}
