@@ -12,7 +12,7 @@ def test_membership_attack_is_chance_without_members_and_clear_on_an_overfit_mod
     model = fk.make_model("mlp", num_features=64, num_classes=10, hidden=(64,))
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(digits.y))
-    a, b, c, pool = perm[:30], perm[30:60], perm[60:160], perm[160:]
+    a, b, c, pool = perm[:30], perm[30:60], perm[60:160], perm[160:760]
     xy = lambda idx: (digits.x[idx], digits.y[idx])  # noqa: E731
     overfit = audit.train_centrally(model.init, model.apply, *xy(a), jax.random.key(1), epochs=300, batch_size=10)
     # members trained the model: clearly detectable

@@ -42,6 +42,7 @@ run loop. Choosing a run's members and non-members is
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -95,28 +96,40 @@ def row_stats(apply: Apply, params: Any, x: np.ndarray, y: np.ndarray) -> tuple[
 
 def train_centrally(init: Callable, apply: Apply, x: np.ndarray, y: np.ndarray, key: jax.Array, *,
                     epochs: int = 30, batch_size: int = 32, lr: float = 0.05) -> Any:
-    """A plain SGD model on ``(x, y)`` (the shadow models' trainer)."""
-    params = init(key)
-    opt = optax.sgd(lr, momentum=0.9)
+    """A plain SGD model on ``(x, y)`` (the shadow models' trainer).
+
+    Compiled once per ``(apply, rows, batch size, epochs, lr)``: every shadow
+    model of an audit reuses the program.
+    """
     n = len(y)
+    train = _trainer(apply, n, min(batch_size, n), epochs, float(lr))
+    return train(init(key), jnp.asarray(x), jnp.asarray(y, jnp.int32), key)
+
+
+@functools.lru_cache(maxsize=16)
+def _trainer(apply: Apply, n: int, batch_size: int, epochs: int, lr: float):
+    opt = optax.sgd(lr, momentum=0.9)
     steps = max(1, n // batch_size)
 
+    def loss(p, xb, yb):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, xb)[0], yb).mean()
+
     @jax.jit
-    def epoch(carry, k):
-        p, s = carry
-        perm = jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
+    def train(params, xs, ys, key):
+        def epoch(carry, k):
+            perm = jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
 
-        def step(c, idx):
-            p, s = c
-            g = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(apply(q, xs[idx])[0], ys[idx]).mean())(p)
-            u, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, u), s), None
+            def step(c, idx):
+                p, s = c
+                u, s = opt.update(jax.grad(loss)(p, xs[idx], ys[idx]), s, p)
+                return (optax.apply_updates(p, u), s), None
 
-        return jax.lax.scan(step, (p, s), perm)[0], None
+            return jax.lax.scan(step, carry, perm)[0], None
 
-    xs, ys = jnp.asarray(x), jnp.asarray(y, jnp.int32)
-    (params, _), _ = jax.lax.scan(epoch, (params, opt.init(params)), jax.random.split(key, epochs))
-    return params
+        (params, _), _ = jax.lax.scan(epoch, (params, opt.init(params)), jax.random.split(key, epochs))
+        return params
+
+    return train
 
 
 class AttackResult(NamedTuple):
