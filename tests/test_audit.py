@@ -8,6 +8,22 @@ import fedkd_jax as fk
 from fedkd_jax import audit
 
 
+def test_privacy_and_the_attack_statistics_never_import_the_run_loop():
+    import ast
+    import pathlib
+
+    root = pathlib.Path(fk.__file__).parent
+    files = [*(root / "privacy").glob("*.py"), *(root / "audit" / n for n in ("__init__.py", "attacks.py", "targets.py"))]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("fedkd_jax.runner", "fedkd_jax.builders", "fedkd_jax.sweeps",
+                                            "fedkd_jax.api", "fedkd_jax.audit.run_dir")), f"{f.name} imports {name}"
+    assert "audit.py" not in {f.name for f in (root / "privacy").glob("*.py")}
+
+
 def test_membership_attack_is_chance_without_members_and_clear_on_an_overfit_model(digits):
     model = fk.make_model("mlp", num_features=64, num_classes=10, hidden=(64,))
     rng = np.random.default_rng(0)
