@@ -88,6 +88,8 @@ def audit_run(run_dir: str, *, shadows: int = 4, members: int = 500, seed: int =
     data = build_data(cfg)
     model = build_model(cfg, data)
     alg = build_algorithm(cfg, model, data)
+    if client is not None and alg.personal_model is None:
+        raise ConfigError("--client", f"the run's algorithm ({cfg.algorithm}) keeps no private per-client model")
     # the run's own aggregation chain (its state is part of the checkpoint), a private host store
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, client_store="host", devices=1))
     sim = build_simulator(cfg, data, alg, out_dir=tempfile.mkdtemp(prefix="fedkd-audit-"))
