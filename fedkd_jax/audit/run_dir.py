@@ -107,6 +107,11 @@ def audit_run(run_dir: str, *, shadows: int = 4, members: int = 500, seed: int =
     sampled = sampled_clients(sim, state.key, step)
     if len(sampled) == 0:
         raise ConfigError("run_dir", f"{run_dir!r}: no client was sampled in the {step} round(s) run; nothing to audit")
+    if client is not None and not 0 <= client < data.num_clients:
+        raise ConfigError("--client", f"must be in [0, {data.num_clients}); got {client}")
+    if client is not None and client not in set(sampled.tolist()):
+        raise ConfigError("--client", f"client {client} was never sampled in the {step} round(s) run: its "
+                                      "teacher never trained")
     rows = universe(data)
     rng = np.random.default_rng(seed)
     host = lambda t: jax.tree.map(np.asarray, jax.device_get(t))  # noqa: E731
@@ -114,35 +119,32 @@ def audit_run(run_dir: str, *, shadows: int = 4, members: int = 500, seed: int =
         shared = shared_targets(data, sampled, members=members, rng=rng, rows=rows)
     except ValueError as e:
         raise ConfigError("run_dir", f"{run_dir!r}: {e}") from None
-    results = {"shared model": audit_model(model.init, model.apply, host(alg.model_params(state.server)),
-                                           shared.members, shared.nonmembers, shared.pool, shadows=shadows,
-                                           seed=seed)
-               | {"nonmember_source": shared.nonmember_source, "clients_sampled": int(len(sampled)),
-                  "clients": int(data.num_clients)}}
     notes: list[str] = []
-    if alg.personal_model is not None:
+    teacher_targets = None
+    if alg.personal_model is not None:  # choose before any shadow is trained, so a bad --client fails fast
         chosen = private_client(data, sampled) if client is None else int(client)
-        if client is not None and not 0 <= chosen < data.num_clients:
-            raise ConfigError("--client", f"must be in [0, {data.num_clients}); got {client}")
-        if client is not None and chosen not in set(sampled.tolist()):
-            raise ConfigError("--client", f"client {chosen} was never sampled in the {step} round(s) run: its "
-                                          "teacher never trained")
         try:
             if chosen is None:
                 raise NoHeldOutRows("none of the sampled clients has held-out rows (data.test_fraction=0?), so no "
                                     "teacher has non-members from its own distribution; rerun with "
                                     "data.test_fraction > 0 to audit a teacher")
-            t = private_targets(data, chosen, members=members, rng=rng, rows=rows)
+            teacher_targets = private_targets(data, chosen, members=members, rng=rng, rows=rows)
         except NoHeldOutRows as e:
             if client is not None:
                 raise ConfigError("--client", str(e)) from None
             notes.append(f"private teacher not audited: {e}")
-        else:
-            teacher = host(jax.tree.map(lambda a: a[0],
-                                        alg.personal_params(sim.client_states(state.key, np.array([chosen])))))
-            results[f"private teacher of client {chosen}"] = audit_model(
-                alg.personal_model.init, alg.personal_model.apply, teacher, t.members, t.nonmembers, t.pool,
-                shadows=shadows, seed=seed) | {"nonmember_source": t.nonmember_source}
+    results = {"shared model": audit_model(model.init, model.apply, host(alg.model_params(state.server)),
+                                           shared.members, shared.nonmembers, shared.pool, shadows=shadows,
+                                           seed=seed)
+               | {"nonmember_source": shared.nonmember_source, "clients_sampled": int(len(sampled)),
+                  "clients": int(data.num_clients)}}
+    if teacher_targets is not None:
+        t = teacher_targets
+        teacher = host(jax.tree.map(lambda a: a[0],
+                                    alg.personal_params(sim.client_states(state.key, np.array([chosen])))))
+        results[f"private teacher of client {chosen}"] = audit_model(
+            alg.personal_model.init, alg.personal_model.apply, teacher, t.members, t.nonmembers, t.pool,
+            shadows=shadows, seed=seed) | {"nonmember_source": t.nonmember_source}
     eps = None
     rows_log = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(rows_log):
