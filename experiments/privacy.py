@@ -48,7 +48,7 @@ def leakage_cells(args, rounds):
 
 
 def audit_rows(rows, runs, keys, quick):
-    from fedkd_jax.privacy.audit import audit_run
+    from fedkd_jax.audit import audit_run
     from fedkd_jax.runner.resume import saved_config
 
     for row in rows:
@@ -228,7 +228,9 @@ def write_summary(out, rows, leak, sa, hc, clients, cohort, rounds):
     lines += ["", "## Leakage where there is something to leak", "",
               "FedAvg on MNIST-5k, 50 clients of 80 rows (iid, disjoint), 10 per round, 20 local epochs, MLP 784-512-10, "
               "100 rounds, clip norm 1, delta 1e-3 (Poisson sampling, add-or-remove-one): the model overfits its members. 500 member rows "
-              "against 500 global test rows; calibrated = offline LiRA with 4 shadow models.", "",
+              "(training rows of clients sampled at least once) against 500 global test rows (the clients hold no "
+              "held-out rows here); calibrated = offline LiRA with 4 shadow models and one global variance "
+              "(Carlini et al. 2022).", "",
               "| epsilon | noise multiplier | test accuracy | loss-attack AUC | calibrated AUC | TPR at 1% FPR |",
               "|---|---|---|---|---|---|"]
     for r in leak:

@@ -54,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
     aud = sub.add_parser("audit", help="membership-inference audit of a finished run")
     aud.add_argument("run_dir")
-    aud.add_argument("--shadows", type=int, default=4, help="shadow models for the calibrated attack")
-    aud.add_argument("--members", type=int, default=500, help="member / non-member rows scored")
+    aud.add_argument("--shadows", type=int, default=4,
+                     help="shadow models for the calibrated attack (>= 2; below 64 one global variance)")
+    aud.add_argument("--members", type=int, default=500, help="member / non-member rows scored (each, at most)")
+    aud.add_argument("--client", type=int, default=None,
+                     help="FedKD: whose private teacher to audit (default: the sampled client with the most "
+                          "held-out rows)")
     lau = sub.add_parser("launch", help="run one job as N processes on 127.0.0.1 (jax.distributed)")
     lau.add_argument("--processes", type=int, required=True, help="number of processes (>= 1)")
     lau.add_argument("--devices-per-process", type=int, default=None,
@@ -144,10 +148,10 @@ def _audit(args) -> int:
     from fedkd_jax.errors import FedKDError
 
     configure_cpu_devices()
-    from fedkd_jax.privacy.audit import audit_run
+    from fedkd_jax.audit import audit_run
 
     try:
-        report = audit_run(args.run_dir, shadows=args.shadows, members=args.members)
+        report = audit_run(args.run_dir, shadows=args.shadows, members=args.members, client=args.client)
     except FedKDError as e:
         print(f"fedkd: error: {e}", file=sys.stderr)
         return 2

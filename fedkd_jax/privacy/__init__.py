@@ -1,5 +1,6 @@
-"""Privacy inside the round: client-level DP, accounting, secure aggregation,
-homomorphic aggregation (optional extra ``he``) and leakage audits."""
+"""Privacy inside the round: client-level DP, accounting, secure aggregation and
+homomorphic aggregation (optional extra ``he``). The membership-inference audit,
+an offline tool that reads run directories, is :mod:`fedkd_jax.audit`."""
 
 from fedkd_jax.privacy.accounting import (
     ACCOUNTANTS,
