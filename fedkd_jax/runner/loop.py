@@ -12,6 +12,8 @@ The loop only dispatches; logging, evaluation, checkpoints and TensorBoard
 are :class:`~fedkd_jax.runner.context.RunContext`'s callbacks on each dispatch.
 SIGTERM or SIGINT stops the run after the current chunk of rounds; the
 loop then writes a checkpoint, waits for it and returns ``interrupted=True``.
+A second one ends the process at once (exit status 128 + signal), even when
+the running dispatch never returns; the checkpoints already saved stay intact.
 """
 
 from __future__ import annotations
