@@ -53,6 +53,38 @@ def energy_threshold(round_index: jax.Array, rounds: int, start: float, end: flo
     return start + (end - start) * t
 
 
+@jax.custom_batching.custom_vmap
+def _eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.eigh`` of one matrix; under ``vmap``, one matrix at a time on CPU.
+
+    jaxlib 0.10's CPU LAPACK kernels split a batch (a vmapped group of
+    clients, or the runs of a batched sweep) into chunks once it is worth
+    200k FLOP, schedule *every* chunk on XLA's intra-op thread pool and block
+    until they are done (``ParallelBatchMap``). That pool has one thread per
+    core, and the CLI exposes one device per core: when every pool thread is
+    running one device's batched eigh, no thread is left to run the chunks
+    and the round deadlocks at 0% CPU (``run.group_size`` >= 2 on the CPU's
+    devices; fixed upstream in jaxlib 0.11, which runs the batch inline).
+    A sequential map of unbatched calls never schedules anything, and
+    computes each eigenpair with the same LAPACK call as an unbatched client,
+    so a group equals its clients run one by one bit for bit. Other platforms
+    keep the batched kernel (``lax.platform_dependent`` picks per compiled
+    platform); an unbatched call lowers exactly as ``jnp.linalg.eigh``.
+    """
+    evals, vecs = jnp.linalg.eigh(a)
+    return evals, vecs
+
+
+@_eigh.def_vmap
+def _eigh_vmap(axis_size, in_batched, a):
+    del axis_size
+    if not in_batched[0]:
+        return _eigh(a), (False, False)
+    evals, vecs = jax.lax.platform_dependent(a, cpu=lambda m: jax.lax.map(_eigh, m),
+                                             default=lambda m: tuple(jax.vmap(jnp.linalg.eigh)(m)))
+    return (evals, vecs), (True, True)
+
+
 def svd_leaf(x: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Low-rank reconstruction of a 2-D ``x`` keeping ``threshold`` of its energy; bytes sent.
 
@@ -66,7 +98,7 @@ def svd_leaf(x: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
     m, n = x.shape
     tall = m >= n
     gram = x.T @ x if tall else x @ x.T
-    evals, vecs = jnp.linalg.eigh(gram)  # ascending
+    evals, vecs = _eigh(gram)  # ascending
     evals, vecs = jnp.maximum(evals[::-1], 0.0), vecs[:, ::-1]
     r = evals.shape[0]
     energy = jnp.cumsum(evals)

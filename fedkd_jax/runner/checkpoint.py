@@ -168,6 +168,16 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def committed_steps(self) -> list[int]:
+        """Steps committed on disk, read from the directory alone (no orbax call, no device):
+        safe from any thread, even while a save is in flight or a dispatch hangs. Orbax
+        writes a step under a temporary name and renames it when complete."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
     def latest(self) -> int | None:
         return self.manager.latest_step()
 

@@ -230,6 +230,13 @@ class RunContext:
             self.ckpt.save(self.done, state)
         return rows
 
+    def checkpoint_note(self) -> str:
+        """Which checkpoint a run stopped now would resume from (reads the directory only)."""
+        steps = self.ckpt.committed_steps()
+        if not steps:
+            return "no checkpoint was saved yet, so a rerun starts from round 0"
+        return f"the last checkpoint (round {steps[-1]}) is intact; resume with: fedkd resume {self.out_dir}"
+
     def close(self) -> None:
         self.ckpt.close()
         if self.sim.store is not None:

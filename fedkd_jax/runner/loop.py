@@ -12,6 +12,8 @@ The loop only dispatches; logging, evaluation, checkpoints and TensorBoard
 are :class:`~fedkd_jax.runner.context.RunContext`'s callbacks on each dispatch.
 SIGTERM or SIGINT stops the run after the current chunk of rounds; the
 loop then writes a checkpoint, waits for it and returns ``interrupted=True``.
+A second one ends the process at once (exit status 128 + signal), even when
+the running dispatch never returns; the checkpoints already saved stay intact.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -40,27 +42,117 @@ __all__ = ["RunResult", "prepare", "run_experiment"]
 
 
 class StopFlag:
-    """Turns SIGTERM / SIGINT into a flag checked between chunks (main thread only)."""
+    """Turns SIGTERM / SIGINT into a flag checked between chunks (main thread only).
 
-    def __init__(self):
+    The first signal asks for a graceful stop: the running dispatch finishes,
+    a checkpoint is written and the loop returns. A second signal ends the
+    process at once with one line on stderr and exit status ``128 + signal``,
+    without waiting for the running dispatch (which may never return, e.g. a
+    deadlocked device program) or anything else. Saved checkpoints stay
+    intact: orbax commits a step atomically, and the client store's files are
+    pruned only after a newer step is committed (the same guarantee as
+    ``kill -9``).
+
+    The interpreter runs Python signal handlers only when the main thread is
+    back in Python code, which a dispatch blocked inside XLA may never be. So
+    the signals are also counted by a watcher thread, woken through
+    :func:`signal.set_wakeup_fd` (written by the C-level handler the moment a
+    signal arrives); whichever sees the second signal first ends the process.
+
+    Args:
+      checkpoint_note: ``() -> str`` naming the newest intact checkpoint, for
+        the message (called from the watcher thread: it must not touch devices).
+    """
+
+    def __init__(self, checkpoint_note: Callable[[], str] | None = None):
         self.signal: int | None = None
+        self._note = checkpoint_note
         self._old: dict[int, Any] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+        self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # e.g. Windows wants a socket: rely on the handlers
+            old = None
+        if old != -1:  # unsupported, or someone else's wakeup fd (an event loop): keep it
+            if old is not None:
+                signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            return self
+        self._pipe = (r, w)
+        self._watcher = threading.Thread(target=self._watch, args=(r,), name="fedkd-stop-signals", daemon=True)
+        self._watcher.start()
         return self
 
+    def _watch(self, fd: int) -> None:
+        watched = {int(signal.SIGTERM), int(signal.SIGINT)}
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # closed by __exit__
+                return
+            for signum in data:
+                if signum in watched:
+                    self._seen(signum)
+
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C really stops
-        self.signal = signum
+        if self._watcher is None:  # no watcher: the handler counts
+            self._seen(signum)
+        elif self.signal is None:
+            self.signal = signum
+
+    def _seen(self, signum: int) -> None:
+        with self._lock:
+            self._count += 1
+            first = self._count == 1
+            if first:
+                self.signal = signum
+        name = signal.Signals(signum).name
+        if first:
+            _say(f"fedkd: {name} received: stopping after the running dispatch and saving a checkpoint; "
+                 f"send it again to stop at once without waiting")
+            return
+        note = "the checkpoints already saved are intact"
+        if self._note is not None:
+            try:
+                note = self._note()
+            except Exception:  # noqa: BLE001 - the message must not stop the exit
+                pass
+        _say(f"fedkd: second signal ({name}): stopping without waiting for the running dispatch; {note}")
+        os._exit(128 + int(signum))
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(-1)  # was -1 on entry (else there is no pipe)
+            r, w = self._pipe
+            os.close(w)  # the watcher reads EOF and returns
+            self._watcher.join(timeout=5)
+            os.close(r)
+            self._pipe = None
         return False
+
+
+def _say(line: str) -> None:
+    """One line to stderr, straight to the file descriptor (safe from any thread, at any moment)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
 
 
 def prepare(cfg: Config, out_dir: str) -> tuple[Config, Config | None]:
@@ -99,7 +191,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     interrupted = False
     written = None  # the union whose states the previous dispatch wrote back
     try:
-        with StopFlag() as stop:
+        with StopFlag(ctx.checkpoint_note) as stop:
             while ctx.done < ctx.limit:
                 done, n = ctx.done, ctx.chunk(ctx.done)
                 t0 = time.perf_counter()
