@@ -165,7 +165,8 @@ def report_mcmahan(rows):
 def report_fedprox(rows):
     lines = ["## Li et al. 2020: FedProx on Synthetic(1, 1) with stragglers", "",
              "30 clients (natural partition, sizes capped at 300), 10 per round, E = 20, B = 10, lr 0.01, 200 rounds; "
-             "exactly round(f·10) stragglers per round, each doing 1..full−1 of its local steps. FedAvg drops "
+             "exactly 10 − round(10·(1 − f)) stragglers per round (the reference's count), each training a random "
+             "1..E−1 whole epochs, as the reference code. FedAvg drops "
              "stragglers; FedProx keeps their partial work. Mean training loss over the last 10 rounds and final "
              "test accuracy.", "",
              "| stragglers | FedAvg (drop) loss / acc | FedProx μ=0 loss / acc | FedProx μ=1 loss / acc |",
