@@ -251,3 +251,18 @@ def test_feddf_uploads_logits_relative_to_the_global_model(digits20):
     delta = jax.tree.map(jnp.subtract, moved, params)
     expect = np.asarray(model.apply(moved, proxy)[0]) - np.asarray(model.apply(params, proxy)[0])
     np.testing.assert_allclose(np.asarray(alg.aux_from_update(params, delta, sdata)), expect, atol=1e-5)
+
+
+def test_runs_without_dp_never_import_the_accountant():
+    """dp-accounting (with scipy, ~0.7 s) loads only when a run accounts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import fedkd_jax; from fedkd_jax.config import load_config; "
+            "from fedkd_jax.plan import make_plan; make_plan(load_config(None, [])); "
+            "assert 'dp_accounting' not in sys.modules, 'imported eagerly'; "
+            "from fedkd_jax.privacy import Mechanism, epsilon; epsilon(Mechanism(1.0, 100, 10, 'poisson'), 3, 1e-5); "
+            "assert 'dp_accounting' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "failed to converge" not in out.stderr  # dp-accounting's per-order notices are filtered

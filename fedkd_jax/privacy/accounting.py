@@ -26,12 +26,31 @@ reported with its relation.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
-import dp_accounting as dpa
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING, NamedTuple
 
 from fedkd_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dp_accounting as dpa
+
+
+def _quiet_orders(record) -> bool:
+    # dp-accounting logs, for each small RDP order whose series does not converge, that the
+    # order is left out: the epsilon stays a valid upper bound over the remaining orders
+    return "failed to converge" not in record.getMessage()
+
+
+def _dpa():
+    """``dp-accounting`` (through scipy, ~0.7 s to import), loaded by the first run that
+    accounts: runs without DP never pay for it."""
+    import logging
+
+    import dp_accounting
+
+    absl = logging.getLogger("absl")
+    if _quiet_orders not in absl.filters:
+        absl.addFilter(_quiet_orders)
+    return dp_accounting
 
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("rdp", "pld")
@@ -54,6 +73,7 @@ def sensitivity_factor(sampling: str) -> float:
 
 def round_event(m: Mechanism) -> dpa.DpEvent:
     """One round as a ``dp-accounting`` event (see the module docstring)."""
+    dpa = _dpa()
     gauss = dpa.GaussianDpEvent(m.noise_multiplier / sensitivity_factor(m.sampling))
     if m.sampling == "poisson":
         return dpa.PoissonSampledDpEvent(m.cohort_size / m.num_clients, gauss)
@@ -61,13 +81,18 @@ def round_event(m: Mechanism) -> dpa.DpEvent:
 
 
 def _accountant(sampling: str, kind: str):
+    dpa = _dpa()
     if kind == "pld":
         if sampling != "poisson":
             raise ConfigError("privacy.accountant", "dp-accounting's PLD accountant does not support sampling "
                                                     "without replacement; use rdp or privacy.sampling=poisson")
+        from dp_accounting import pld
+
         return pld.PLDAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
     relation = (dpa.NeighboringRelation.REPLACE_ONE if sampling == "fixed"
                 else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    from dp_accounting import rdp
+
     return rdp.RdpAccountant(neighboring_relation=relation)
 
 
@@ -78,7 +103,7 @@ def epsilon(m: Mechanism, rounds: int, delta: float, *, accountant: str = "rdp")
     if m.noise_multiplier == 0:
         return math.inf
     acct = _accountant(m.sampling, accountant)
-    return float(acct.compose(dpa.SelfComposedDpEvent(round_event(m), int(rounds))).get_epsilon(delta))
+    return float(acct.compose(_dpa().SelfComposedDpEvent(round_event(m), int(rounds))).get_epsilon(delta))
 
 
 class Accountant:
@@ -147,6 +172,8 @@ def calibrate(target_epsilon: float, delta: float, *, rounds: int, cohort_size: 
     """
     check(delta=delta, target_epsilon=target_epsilon, cohort_size=cohort_size, num_clients=num_clients,
           sampling=sampling, accountant=accountant)
+
+    dpa = _dpa()
 
     def event(z: float) -> dpa.DpEvent:
         return dpa.SelfComposedDpEvent(round_event(Mechanism(z, num_clients, cohort_size, sampling)), int(rounds))
