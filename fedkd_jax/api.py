@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from fedkd_jax._devices import configure_cpu_devices
+from fedkd_jax.compile_cache import configure_compile_cache
 
 
 @dataclass
@@ -58,6 +59,7 @@ def run(config=None, out: str | None = None, *, progress: bool = False) -> Resul
 
     cfg = as_config(config)
     configure_cpu_devices(devices_value(cfg.run.devices))
+    configure_compile_cache()
     out = out or _default_out("", cfg)
     res = run_experiment(cfg, out, progress=progress)
     return Result(res.rows, res.final, res.state, res.run_dir, res.rounds, res.seconds, res.notes)
@@ -81,4 +83,5 @@ def sweep(config=None, grid: dict[str, Sequence[Any]] | Sequence[str] = (), seed
 
     cfg = as_config(config)
     configure_cpu_devices(devices_value(cfg.run.devices))
+    configure_compile_cache()
     return run_sweep(cfg, grid, seeds, out or _default_out("sweep-", cfg), progress=progress)

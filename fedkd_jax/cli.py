@@ -124,6 +124,7 @@ def _sweep(args) -> int:
             raise ConfigError("--seeds", f"must be a positive integer; got {args.seeds}")
         out = args.out or os.path.join("runs", f"sweep-{cfg.algorithm}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
         configure_cpu_devices(devices_value(cfg.run.devices))
+        configure_compile_cache()
         from fedkd_jax.sweeps import run_sweep
 
         res = run_sweep(cfg, args.grid, args.seeds, out, progress=not args.no_progress and cfg.run.progress)
@@ -143,11 +144,18 @@ def _sweep(args) -> int:
     return 0
 
 
+def configure_compile_cache() -> None:
+    from fedkd_jax.compile_cache import configure_compile_cache as configure
+
+    configure()
+
+
 def _audit(args) -> int:
     from fedkd_jax import configure_cpu_devices
     from fedkd_jax.errors import FedKDError
 
     configure_cpu_devices()
+    configure_compile_cache()
     from fedkd_jax.audit import audit_run
 
     try:
@@ -189,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         joining = bool(os.environ.get(distributed.ENV_COORDINATOR)) or distributed.cluster_detected()
         # In a multi-process job each process exposes its own cores; run.devices sizes the global mesh.
         configure_cpu_devices(None if joining else devices_value(cfg.run.devices))
+        configure_compile_cache()
         joined = distributed.initialize()
         try:
             result = run_experiment(cfg, out, progress=not args.no_progress and cfg.run.progress)
