@@ -51,24 +51,35 @@ def next_boundary(r: int, every: int) -> int:
     return (r // every + 1) * every
 
 
-def make_evaluate(sim: Simulator, ev_ids: np.ndarray) -> Callable[[Any], dict[str, Any]]:
+def make_evaluate(sim: Simulator, ev_ids: np.ndarray, *, personal_block: int = 1024) -> Callable[[Any], dict[str, Any]]:
     """``(state) -> dict`` of global metrics, the per-client accuracy summary and,
     for algorithms with personal models (FedKD teachers), their summary, on the
-    clients ``ev_ids`` (all of them, or a fixed sample of a large population)."""
+    clients ``ev_ids`` (all of them, or a fixed sample of a large population).
+
+    Personal models are gathered from the client store only for clients that have a
+    local test split, ``personal_block`` clients at a time: memory stays bounded by
+    one block however many clients are evaluated, and a population without local
+    tests (``data.test_fraction=0``) gathers none."""
     from fedkd_jax.engine import fetch
 
     algorithm = sim.algorithm
     ev_data = sim.eval_data(ev_ids)
     global_eval = make_evaluator(algorithm.model.apply)
     personal_eval = make_personal_evaluator(algorithm.personal_model.apply) if algorithm.personal_model else None
+    blocks = []
+    if personal_eval is not None:
+        tested = np.asarray(ev_ids)[sim.data.test_counts[np.asarray(ev_ids)] > 0]
+        blocks = [(b, sim.eval_data(b)) for b in np.array_split(tested, max(1, -(-len(tested) // personal_block)))
+                  if len(b)]
 
     def evaluate(state) -> dict[str, Any]:
         ev = {k: fetch(v) for k, v in global_eval(algorithm.model_params(state.server), ev_data).items()}
         out = {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
         out.update(summarize_clients(ev["client_accuracy"]))
-        if personal_eval is not None:
-            params = algorithm.personal_params(sim.client_states(state.key, ev_ids))
-            out.update(summarize_clients(fetch(personal_eval(params, ev_data)), prefix="teacher_acc"))
+        if blocks:
+            accs = [fetch(personal_eval(algorithm.personal_params(sim.client_states(state.key, ids)), data))
+                    for ids, data in blocks]
+            out.update(summarize_clients(np.concatenate(accs), prefix="teacher_acc"))
         return out
 
     return evaluate
