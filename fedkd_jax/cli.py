@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     f = result.final
     print(f"finished {result.rounds} rounds in {result.seconds:.1f} s (first dispatch incl. compile {result.first_dispatch_seconds:.1f} s)")
+    t = result.timing
+    if t:
+        print(f"time: rounds {t['dispatch']:.1f} s, evaluation {t['evaluation']:.1f} s, "
+              f"checkpoints {t['checkpoints']:.1f} s (eval_time, eval_seconds, checkpoint_seconds in metrics.jsonl)")
     if "test_accuracy" in f:
         local = (f"per-client accuracy mean {f['client_acc_mean']:.3f} "
                  f"(p10 {f['client_acc_p10']:.3f}, p90 {f['client_acc_p90']:.3f})"

@@ -14,7 +14,7 @@ from fedkd_jax.runner import read_jsonl
 ARGS = ["--no-progress", "--set", "algorithm=fedkd", "--set", "data.num_clients=16", "--set", "run.cohort_size=4",
         "--set", "model.hidden=[16]", "--set", "distill.teacher_hidden=[24]", "--set", "run.eval_every=4",
         "--set", "run.checkpoint_every=4", "--set", "run.rounds_per_dispatch=2", "--set", "run.client_store=host"]
-TIMING = ("round_time", "wall_time")
+TIMING = ("round_time", "wall_time", "eval_time", "eval_seconds", "checkpoint_seconds")
 
 
 def _fedkd(*args, env=None, timeout=400):

@@ -21,7 +21,7 @@ from fedkd_jax.errors import ConfigError
 from fedkd_jax.runner import Checkpointer, read_jsonl, run_experiment
 from fedkd_jax.runner.resume import saved_config
 
-TIMING = ("round_time", "wall_time")
+TIMING = ("round_time", "wall_time", "eval_time", "eval_seconds", "checkpoint_seconds")
 BASE = [
     "data.num_clients=12", "run.cohort_size=4", "model.hidden=[16]", "distill.teacher_hidden=[24]",
     "run.eval_every=4", "run.checkpoint_every=4", "run.rounds_per_dispatch=2", "run.keep_checkpoints=5",
@@ -90,6 +90,11 @@ def test_more_rounds_on_resume_continue_the_same_trajectory(tmp_path):
     run_experiment(short, str(tmp_path / "grow"))
     run_experiment(long, str(tmp_path / "grow"))  # only run.rounds differs: allowed
     assert_states_equal(final_state(str(tmp_path / "long")), final_state(str(tmp_path / "grow")))
+    # the cumulative clocks continue across the resume instead of restarting at 0
+    rows = read_jsonl(os.path.join(str(tmp_path / "grow"), "metrics.jsonl"))
+    for key in ("wall_time", "eval_seconds", "checkpoint_seconds"):
+        clock = [r[key] for r in rows]
+        assert clock == sorted(clock) and clock[8] >= clock[7] > 0, key
 
 
 def test_incompatible_config_is_refused_naming_keys(tmp_path):

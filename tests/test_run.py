@@ -43,6 +43,18 @@ def test_run_writes_metrics_plot_checkpoints_and_learns(tmp_path):
         crow = list(csv.DictReader(f))
     assert len(crow) == 30 and float(crow[9]["test_accuracy"]) == rows[9]["test_accuracy"]
     assert os.path.getsize(os.path.join(out, "accuracy.png")) > 10_000
+    # evaluation and checkpoint time, logged apart: eval_time only on evaluated rows; the cumulative
+    # clocks are the running sums (checkpoint_seconds grows only after the saves of rounds 15 and 30)
+    assert [r["round"] for r in rows if r.get("eval_time") is not None] == [10, 20, 30]
+    for r in rows:
+        done = [x["eval_time"] for x in rows if x["round"] <= r["round"] and x.get("eval_time") is not None]
+        assert abs(r["eval_seconds"] - sum(done)) < 1e-9
+    ck_s = [r["checkpoint_seconds"] for r in rows]
+    assert ck_s[:15] == [0.0] * 15 and ck_s[15] > 0 and len(set(ck_s[15:])) == 1  # rows 16-30: the save of 15
+    assert {"eval_time", "eval_seconds", "checkpoint_seconds"} <= set(crow[0])
+    t = res.timing
+    assert abs(t["evaluation"] - rows[-1]["eval_seconds"]) < 1e-9 and t["checkpoints"] >= ck_s[-1] > 0
+    assert 0 < t["dispatch"] and t["dispatch"] + t["evaluation"] + t["checkpoints"] <= t["total"]
     saved = from_dict(json.load(open(os.path.join(out, "config.json"))))
     # the resolved config: the SVD schedule horizon is fixed to run.rounds at the start
     assert saved == dataclasses.replace(resolve_defaults(cfg),

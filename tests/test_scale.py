@@ -16,7 +16,7 @@ from fedkd_jax.runner import read_jsonl, run_experiment
 
 STUDENT = dict(num_features=64, num_classes=10, hidden=(16,))
 TEACHER = dict(num_features=64, num_classes=10, hidden=(24,))
-TIMING = ("round_time", "wall_time")
+TIMING = ("round_time", "wall_time", "eval_time", "eval_seconds", "checkpoint_seconds")
 
 
 def _fedkd(fd):

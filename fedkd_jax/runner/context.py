@@ -45,6 +45,9 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     state: Any = None  # the final simulation state (host arrays)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # this process's wall time split: dispatches (rounds), evaluation, checkpoints (time the run
+    # waited on saves, including the final wait for queued writes), total
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def next_boundary(r: int, every: int) -> int:
@@ -153,9 +156,10 @@ class RunContext:
         self.done = self.resumed_from or 0
         last = self.log.rows[-1] if self.log.rows else {}
         self.cum_up, self.cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
-        self.wall0 = float(last.get("wall_time", 0.0))
+        self._restore_clocks(last)
         self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
         self.bytes_down = sim.round_bytes()[1]
+        self.dispatch_seconds = self.eval_time = self.close_seconds = 0.0
         self._start_downlink(self.log.rows)
         self.t_start = time.perf_counter()
         self.first_dispatch = None
@@ -180,9 +184,15 @@ class RunContext:
         self.log.reset(complete_rows(self.out_dir, step))
         last = self.log.rows[-1] if self.log.rows else {}
         self.cum_up, self.cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
-        self.wall0 = float(last.get("wall_time", 0.0))
+        self._restore_clocks(last)
         self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
         self._start_downlink(self.log.rows)
+
+    def _restore_clocks(self, last: dict) -> None:
+        """The cumulative clocks of the rows already logged (a resumed run continues them)."""
+        self.wall0 = float(last.get("wall_time", 0.0))
+        self.eval0 = float(last.get("eval_seconds") or 0.0)
+        self.ckpt0 = float(last.get("checkpoint_seconds") or 0.0) - self.ckpt.blocking_seconds
 
     def _start_downlink(self, rows: list[dict]) -> None:
         """With downlink compression: the ledger of what each sampled client downloads
@@ -229,12 +239,20 @@ class RunContext:
                 row["epsilon"] = self.accountant.epsilon_at(row["round"])
             rows.append(row)
         self.done += n
+        self.dispatch_seconds += seconds
+        for row in rows:  # cumulative through each round (an evaluation ends the dispatch's last round)
+            row["eval_seconds"] = self.eval0 + self.eval_time
         if self.done % r.eval_every == 0 or self.done == self.limit:
+            t0 = time.perf_counter()
             self.last_eval = self.evaluate(state)
             rows[-1].update(self.last_eval)
+            rows[-1]["eval_time"] = time.perf_counter() - t0
+            self.eval_time += rows[-1]["eval_time"]
+            rows[-1]["eval_seconds"] = self.eval0 + self.eval_time
         wall = self.wall0 + time.perf_counter() - self.t_start
-        for row in rows:
+        for row in rows:  # cumulative clocks: checkpoint_seconds counts the saves before this row was written
             row["wall_time"] = wall
+            row["checkpoint_seconds"] = self.ckpt0 + self.ckpt.blocking_seconds
         for cb in self.callbacks:
             cb.write(rows)  # rows reach disk before the checkpoint that covers them
         if self.done % r.checkpoint_every == 0 or self.done == self.limit or stopping:
@@ -249,7 +267,9 @@ class RunContext:
         return f"the last checkpoint (round {steps[-1]}) is intact; resume with: fedkd resume {self.out_dir}"
 
     def close(self) -> None:
-        self.ckpt.close()
+        t0 = time.perf_counter()
+        self.ckpt.close()  # waits for the queued saves
+        self.close_seconds = time.perf_counter() - t0
         if self.sim.store is not None:
             self.sim.store.close()
         if self.tb is not None:
@@ -286,9 +306,12 @@ class RunContext:
         state = None
         if jax.process_count() == 1:
             state = jax.device_get(self.state)
-        return RunResult(self.out_dir, self.done, final, time.perf_counter() - self.t_start, self.first_dispatch or 0.0,
+        total = time.perf_counter() - self.t_start
+        timing = {"dispatch": self.dispatch_seconds, "evaluation": self.eval_time,
+                  "checkpoints": self.ckpt.blocking_seconds + self.close_seconds, "total": total}
+        return RunResult(self.out_dir, self.done, final, total, self.first_dispatch or 0.0,
                          resumed_from=self.resumed_from, interrupted=interrupted, notes=notes, state=state,
-                         rows=list(self.log.rows))
+                         rows=list(self.log.rows), timing=timing)
 
 
 def resolve_run(cfg: Config, previous: Config | None) -> Config:
