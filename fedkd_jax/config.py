@@ -169,6 +169,7 @@ class RunConfig:
     memory_budget_gb: Optional[float] = None  # for client_store=auto (default: half the machine's memory)
     store_dir: Optional[str] = None  # disk store directory (default: <run dir>/client-store)
     eval_clients: Optional[int] = 10000  # per-client accuracy on at most this many clients (a fixed sample)
+    eval_personal_clients: Optional[int] = 1000  # personal models (FedKD teachers): a fixed sub-sample of those
     log_to: str = "files"  # files (metrics.jsonl/.csv, plot) | tensorboard (also TensorBoard event files)
 
 

@@ -232,6 +232,7 @@ def validate(cfg: Config) -> None:
     _choice("run.client_store", r.client_store, STORES)
     _positive("run.memory_budget_gb", r.memory_budget_gb, allow_none=True)
     _positive("run.eval_clients", r.eval_clients, integer=True, allow_none=True)
+    _positive("run.eval_personal_clients", r.eval_personal_clients, integer=True, allow_none=True)
     _choice("run.log_to", r.log_to, ("files", "tensorboard"))
     if not 0 <= r.seed < 2**31:
         raise ConfigError("run.seed", f"must be in [0, 2^31); got {r.seed}")

@@ -174,3 +174,14 @@ def test_no_local_test_splits_evaluate_as_missing_not_zero(digits):
     assert np.isfinite(float(out["test_accuracy"]))
     assert np.isnan(np.asarray(out["client_accuracy"])).all()
     assert jnp.size(out["client_accuracy"]) == 30
+
+
+def test_digits_match_scikit_learns_loader(digits):
+    """The bundled digits are read from scikit-learn's file without importing it: the
+    same rows, labels and scale as scikit-learn's own loader."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    np.testing.assert_array_equal(digits.x, (d.data / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(digits.y, d.target)
+    assert digits.x.dtype == np.float32 and digits.y.dtype == np.int32 and digits.image_shape == (8, 8, 1)

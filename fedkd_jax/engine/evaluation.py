@@ -111,6 +111,12 @@ def make_evaluator(apply: Apply, *, chunk: int = 1024, clients_per_chunk: int = 
     return evaluate
 
 
+def personal_accuracy(apply: Apply, ev: EvalData, stacked_params, *, clients_per_chunk: int = 64) -> jax.Array:
+    """``[E]`` accuracy of each evaluated client's own ``stacked_params`` on its local
+    test split (NaN without one); traceable, for use inside a caller's jit."""
+    return _client_accuracy(apply, ev, clients_per_chunk, stacked=stacked_params)
+
+
 @functools.lru_cache(maxsize=64)
 def make_personal_evaluator(apply: Apply, *, clients_per_chunk: int = 64):
     """``evaluate(stacked_params [E, ...], ev) -> [E]`` accuracy of each evaluated client's
@@ -118,7 +124,7 @@ def make_personal_evaluator(apply: Apply, *, clients_per_chunk: int = 64):
 
     @jax.jit
     def evaluate(stacked_params, ev: EvalData) -> jax.Array:
-        return _client_accuracy(apply, ev, clients_per_chunk, stacked=stacked_params)
+        return personal_accuracy(apply, ev, stacked_params, clients_per_chunk=clients_per_chunk)
 
     return evaluate
 

@@ -204,6 +204,7 @@ class Simulator:
         self.bytes_up_per_client = tree_bytes(self._abstract_output(abstract).update)
         self._program = jax.jit(self._rounds, static_argnums=(0,))
         self._init_block = init_program(algorithm.init_client) if self.stateful else None
+        self._init_jit = jax.jit(self._init_state)
 
     # ----------------------------------------------------------------- setup
     def init(self, seed: int | jax.Array) -> SimState:
@@ -211,11 +212,17 @@ class Simulator:
 
         A concrete seed gives the state placed on the mesh as the round program returns
         it, so the first and later dispatches share one compiled program."""
+        if isinstance(seed, jax.core.Tracer):  # inside a caller's trace (a sweep's vmap): as is
+            return self._init_state(seed)
+        # one compiled program (cached on disk with the compile cache) instead of an eager
+        # dispatch per initialiser op; the same ops as the traced path, so the same values
+        return self.put_state(self._init_jit(jnp.asarray(seed, jnp.uint32)))
+
+    def _init_state(self, seed: jax.Array) -> SimState:
         base = jax.random.key(seed)
         server = self.algorithm.init(jax.random.fold_in(base, _SERVER_INIT))
         params = self.algorithm.model_params(server)
-        state = SimState(jnp.zeros((), jnp.int32), server, base, self.aggregator.init(params))
-        return state if isinstance(state.round, jax.core.Tracer) else self.put_state(state)  # traced: as is
+        return SimState(jnp.zeros((), jnp.int32), server, base, self.aggregator.init(params))
 
     def init_clients(self, key: jax.Array, ids: jax.Array) -> Any:
         """The initial states ``[len(ids), ...]`` of clients ``ids`` of the run keyed ``key``."""
@@ -511,11 +518,17 @@ class Simulator:
         ids = np.arange(self.num_clients) if ids is None else np.asarray(ids)
         return self.complete(key, ids, *self.store.gather(ids))
 
-    def eval_data(self, ids: np.ndarray | None = None):
-        """Evaluation inputs (global test set, local tests of clients ``ids``) on the mesh."""
+    def eval_data(self, ids: np.ndarray | None = None, *, pool: PoolData | None = None):
+        """Evaluation inputs (global test set, local tests of clients ``ids``) on the mesh;
+        ``pool``: the pool already placed by :meth:`put_data` (placed again if not given)."""
         from fedkd_jax.engine.evaluation import make_eval_data
 
-        return make_eval_data(self.data, self.put_data(), self._replicated, ids=ids)
+        return make_eval_data(self.data, self.put_data() if pool is None else pool, self._replicated, ids=ids)
+
+    @property
+    def replicated_sharding(self) -> jax.sharding.Sharding:
+        """The sharding that replicates an array on every device of the mesh."""
+        return self._replicated
 
     def round_bytes(self) -> tuple[int, int]:
         """``(bytes_up, bytes_down)`` of one full round without compression or dropped

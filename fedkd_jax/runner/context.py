@@ -21,12 +21,13 @@ import numpy as np
 
 from fedkd_jax import distributed
 from fedkd_jax.config import Config, to_dict, to_yaml
-from fedkd_jax.engine import Simulator, eval_clients, make_evaluator, make_personal_evaluator, summarize_clients
+from fedkd_jax.engine import Simulator, eval_clients
 from fedkd_jax.errors import CheckpointError
 from fedkd_jax.plan import privacy_setup  # noqa: F401 - re-exported (resolved in the plan)
 from fedkd_jax.runner.checkpoint import Checkpointer
 from fedkd_jax.runner.client_store import IntegrityError
 from fedkd_jax.runner.downlink import RunDownlink
+from fedkd_jax.runner.evaluate import make_evaluate  # noqa: F401 - re-exported
 from fedkd_jax.runner.outputs import MetricsLog, plot_accuracy
 from fedkd_jax.runner.resume import complete_rows
 
@@ -52,40 +53,6 @@ class RunResult:
 
 def next_boundary(r: int, every: int) -> int:
     return (r // every + 1) * every
-
-
-def make_evaluate(sim: Simulator, ev_ids: np.ndarray, *, personal_block: int = 1024) -> Callable[[Any], dict[str, Any]]:
-    """``(state) -> dict`` of global metrics, the per-client accuracy summary and,
-    for algorithms with personal models (FedKD teachers), their summary, on the
-    clients ``ev_ids`` (all of them, or a fixed sample of a large population).
-
-    Personal models are gathered from the client store only for clients that have a
-    local test split, ``personal_block`` clients at a time: memory stays bounded by
-    one block however many clients are evaluated, and a population without local
-    tests (``data.test_fraction=0``) gathers none."""
-    from fedkd_jax.engine import fetch
-
-    algorithm = sim.algorithm
-    ev_data = sim.eval_data(ev_ids)
-    global_eval = make_evaluator(algorithm.model.apply)
-    personal_eval = make_personal_evaluator(algorithm.personal_model.apply) if algorithm.personal_model else None
-    blocks = []
-    if personal_eval is not None:
-        tested = np.asarray(ev_ids)[sim.data.test_counts[np.asarray(ev_ids)] > 0]
-        blocks = [(b, sim.eval_data(b)) for b in np.array_split(tested, max(1, -(-len(tested) // personal_block)))
-                  if len(b)]
-
-    def evaluate(state) -> dict[str, Any]:
-        ev = {k: fetch(v) for k, v in global_eval(algorithm.model_params(state.server), ev_data).items()}
-        out = {k: float(v) for k, v in ev.items() if np.ndim(v) == 0}
-        out.update(summarize_clients(ev["client_accuracy"]))
-        if blocks:
-            accs = [fetch(personal_eval(algorithm.personal_params(sim.client_states(state.key, ids)), data))
-                    for ids, data in blocks]
-            out.update(summarize_clients(np.concatenate(accs), prefix="teacher_acc"))
-        return out
-
-    return evaluate
 
 
 class TensorBoardLog:
@@ -114,8 +81,9 @@ class RunContext:
                  progress_desc: str = ""):
         self.cfg, self.out_dir, self.sim, self.accountant = cfg, out_dir, sim, accountant
         r = cfg.run
-        self.evaluate = make_evaluate(sim, eval_clients(sim.num_clients, r.eval_clients, r.seed))
         self.pool = sim.put_data()
+        self.evaluate = make_evaluate(sim, eval_clients(sim.num_clients, r.eval_clients, r.seed), pool=self.pool,
+                                      personal_clients=r.eval_personal_clients, seed=r.seed)
         state = sim.put_state(sim.init(r.seed))
         self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, store=sim.store)
         self.resumed_from = None
