@@ -12,13 +12,17 @@ last (also saved to benchmarks/results/scale.json).
   C = 10, 20 rows per client) at N = 10^3 .. 10^5 with the host and disk
   stores (and the device store at 10^3 as the reference): seconds per round,
   peak RSS, bytes on disk, checkpoint seconds.
+* The same FedKD through ``fk.run``, the path users run (disk store, local
+  tests on 20% of each client's rows, evaluation every 10 rounds, checkpoints
+  every 50, ``--run-rounds`` rounds): the run's wall time split into rounds,
+  evaluation and checkpoints, and peak RSS.
 * 1 process x 2 devices against 2 processes x 1 device on loopback (W1, N = 10^4).
 * Replicas: bytes held on each device by W1 at N = 10^4 on 2 devices with the
   index-based population against the same population copied per client (the
   old ``[N, M, D]`` layout), and by FedKD at N = 10^3 with the replicated
   device store against the host store (measured from ``jax.live_arrays()``).
 
-    python benchmarks/scale.py [--quick] [--rounds 20]
+    python benchmarks/scale.py [--quick] [--rounds 20] [--run-rounds 200]
 """
 
 from __future__ import annotations
@@ -53,8 +57,35 @@ def device_bytes() -> dict[int, int]:
     return out
 
 
+def run_child_path(args) -> dict:
+    """FedKD through ``fk.run``, the path users run: evaluation every 10 rounds (local
+    tests on 20% of each client's rows), checkpoints every 50, the run's own store."""
+    import fedkd_jax as fk
+
+    tmp = tempfile.mkdtemp(prefix="fedkd-scale-run-")
+    t0 = time.perf_counter()
+    res = fk.run({"data": {"num_clients": args.n, "partition": "iid", "examples_per_client": 20},
+                  "run": {"rounds": args.rounds, "eval_every": 10, "checkpoint_every": 50,
+                          "client_store": args.store}}, os.path.join(tmp, "run"))
+    wall = time.perf_counter() - t0
+    t = res.timing
+    rounds_s = [r["round_time"] for r in res.rows]
+    return {"kind": "fedkd-run", "n": args.n, "store": args.store, "rounds": res.rounds, "process_s": wall,
+            "run_s": t["total"], "dispatch_s": t["dispatch"], "eval_s": t["evaluation"],
+            "checkpoint_s": t["checkpoints"], "first_dispatch_s": rounds_s[0] * 10,
+            "s_per_round_after_first": sum(rounds_s[10:]) / max(1, len(rounds_s) - 10),
+            "eval_plus_checkpoint_fraction": (t["evaluation"] + t["checkpoints"]) / t["total"],
+            "evaluations": sum(1 for r in res.rows if r.get("eval_time") is not None),
+            "first_eval_s": next(r["eval_time"] for r in res.rows if r.get("eval_time") is not None),
+            "teacher_acc_mean": res.final.get("teacher_acc_mean"), "test_accuracy": res.final.get("test_accuracy"),
+            "peak_rss_mb": _rss_mb()}
+
+
 def child(args) -> dict:
     import fedkd_jax as fk
+
+    if args.kind == "fedkd-run":
+        return run_child_path(args)
 
     if not os.environ.get("FEDKD_COORDINATOR"):
         fk.configure_cpu_devices()
@@ -152,7 +183,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="small populations only")
-    ap.add_argument("--child", choices=("w1", "fedkd"))
+    ap.add_argument("--child", choices=("w1", "fedkd", "fedkd-run"))
+    ap.add_argument("--run-rounds", type=int, default=200, help="rounds of the fk.run settings (evaluated every 10, "
+                                                                "checkpointed every 50)")
     ap.add_argument("--n", type=int)
     ap.add_argument("--store", default="host")
     ap.add_argument("--copied", action="store_true", help="child: copy every client's rows (the old layout)")
@@ -181,6 +214,11 @@ def main() -> None:
             r = run_child("fedkd", n, store, args.rounds)
             results["fedkd"].append(r)
             print(json.dumps(r), flush=True)
+    results["fedkd_run"] = []
+    for n in kd_ns:  # the path users run: fk.run with evaluation and checkpoints
+        r = run_child("fedkd-run", n, "disk", args.run_rounds)
+        results["fedkd_run"].append(r)
+        print(json.dumps(r), flush=True)
     for procs, devs in ((1, 2), (2, 1)):
         r = run_child("w1", 10_000, "host", args.rounds, processes=procs, devices=devs)
         results["processes"].append(r)
@@ -215,6 +253,10 @@ def main() -> None:
     if kd_big and kd_dev:
         goals["fedkd_largest_rss_under_4GB"] = all(r["peak_rss_mb"] < 4 * 1024 for r in kd_big)
         goals["fedkd_largest_round_within_1.5x_device_1e3"] = all(r["round_ratio_vs_device_1e3"] <= 1.5 for r in kd_big)
+    kd_run = [r for r in results["fedkd_run"] if r.get("n") == max(kd_ns) and "error" not in r]
+    if kd_run:
+        goals["fedkd_run_largest_rss_under_4GB"] = kd_run[0]["peak_rss_mb"] < 4 * 1024
+        goals["fedkd_run_largest_eval_plus_checkpoints_under_25pct"] = kd_run[0]["eval_plus_checkpoint_fraction"] < 0.25
     pr = [r for r in results["processes"] if "error" not in r]
     if len(pr) == 2:
         results["two_processes_vs_one_round_ratio"] = pr[1]["s_per_round"] / pr[0]["s_per_round"]

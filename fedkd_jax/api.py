@@ -33,6 +33,7 @@ class Result:
     rounds: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)  # seconds: dispatch, evaluation, checkpoints, total
 
     def to_pandas(self):
         """The metrics table as a ``pandas.DataFrame`` (needs pandas)."""
@@ -62,7 +63,7 @@ def run(config=None, out: str | None = None, *, progress: bool = False) -> Resul
     configure_compile_cache()
     out = out or _default_out("", cfg)
     res = run_experiment(cfg, out, progress=progress)
-    return Result(res.rows, res.final, res.state, res.run_dir, res.rounds, res.seconds, res.notes)
+    return Result(res.rows, res.final, res.state, res.run_dir, res.rounds, res.seconds, res.notes, res.timing)
 
 
 def sweep(config=None, grid: dict[str, Sequence[Any]] | Sequence[str] = (), seeds: int | Sequence[int] = 1,

@@ -27,7 +27,7 @@ import warnings
 import jax
 
 MAX_BYTES = 2 * 1024**3
-MIN_COMPILE_SECS = 0.2  # the round compiles in 0.5-3 s; helpers under this are not worth a file
+MIN_COMPILE_SECS = 0.0  # every program: loading a small one from disk beats compiling it again
 OFF = ("off", "0", "false", "no")
 
 

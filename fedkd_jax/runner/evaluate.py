@@ -16,8 +16,9 @@ the cost proportional to what changed since the run started:
   store read, no host copy), in fixed blocks, and kept for later evaluations
   (recomputed identically after a resume).
 * Only clients the store holds (``touched``) are gathered, in blocks of at
-  most ``personal_block`` padded to a power of two (a handful of compiled
-  shapes per run), so memory is bounded by one block.
+  most ``personal_block``, so memory is bounded by one block.
+
+Blocks are padded to a power of two (a handful of compiled shapes per run).
 
 Clients without a local test split are never gathered.
 """
@@ -38,8 +39,10 @@ def _blocks(ids: np.ndarray, size: int) -> list[np.ndarray]:
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
-def _padded(ids: np.ndarray, size: int) -> np.ndarray:
-    """``ids`` padded (with its first id, whose extra results are dropped) to ``size``."""
+def _padded(ids: np.ndarray, block: int) -> np.ndarray:
+    """``ids`` padded (with its first id, whose extra results are dropped) to a power of
+    two of at least 32 and at most ``block``: a handful of compiled shapes per run."""
+    size = min(block, max(32, 1 << (len(ids) - 1).bit_length()))
     return np.concatenate([ids, np.full(size - len(ids), ids[0], ids.dtype)])
 
 
@@ -75,14 +78,13 @@ class PersonalEvaluation:
         sim = self.sim
         touched = sim.store.touched[self.ids] if sim.store is not None else np.ones(len(self.ids), bool)
         need = np.flatnonzero(~touched & ~self.known)
-        for pos in _blocks(need, self.block):  # fixed shape: one compile
+        for pos in _blocks(need, self.block):
             ids = _padded(self.ids[pos], self.block)
             self.initial[pos] = fetch(self.initial_accuracy(state.key, ids, self._ev(ids)))[: len(pos)]
         self.known[need] = True
         acc = self.initial.copy()
         for pos in _blocks(np.flatnonzero(touched), self.block):
-            size = max(32, 1 << (len(pos) - 1).bit_length())  # a power of two: few shapes
-            ids = _padded(self.ids[pos], size)
+            ids = _padded(self.ids[pos], self.block)
             params = sim.algorithm.personal_params(sim.client_states(state.key, ids))
             acc[pos] = fetch(self.evaluate(params, self._ev(ids)))[: len(pos)]
         return acc
