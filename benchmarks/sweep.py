@@ -83,6 +83,11 @@ def child(mode: str, rounds: int, *, temps=TEMPS, seeds=SEEDS, run: dict | None 
                 compute, n = compute + c, n + k
                 accs.append(res.final.get("test_accuracy"))
     wall = time.perf_counter() - t0
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}  # GPU/TPU report their allocator's peak; CPU none
+    if "peak_bytes_in_use" in stats:
+        extra["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return {"mode": mode, "runs": len(temps) * len(seeds), "wall_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "compute_s": compute, "run_rounds": n, "mean_test_accuracy": sum(accs) / len(accs), **extra}
@@ -96,7 +101,9 @@ def run_child(mode: str, rounds: int, *, temps=TEMPS, seeds=SEEDS, run: dict | N
             "--run-json", json.dumps(run or {})]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("{")), None)
-    return json.loads(line) if line and p.returncode == 0 else {"mode": mode, "error": p.stderr.strip().splitlines()[-3:]}
+    if line and p.returncode == 0:
+        return json.loads(line)
+    return {"mode": mode, "error": p.stderr.strip().splitlines()[-3:]}
 
 
 def main() -> None:
