@@ -21,7 +21,7 @@ is free again for the next part, and a crash stays inside its part:
   and disk client stores, at ``run.group_size=auto``.
 * ``sweep`` (``benchmarks/sweep.py``): the FedKD temperature x seed sweep
   batched at ``run.runs_per_device=auto`` and at explicit counts, against
-  the same runs one after another.
+  the same runs one after another (not with ``--quick``).
 
 What ``auto`` means is the library's own choice, recorded per part:
 ``run.group_size=auto`` (``fedkd_jax.builders.auto_group_size``) is 1 on
@@ -73,7 +73,7 @@ PROFILES = {
         "w2": {"rounds": 3, "group_sizes": [], "overrides": ["data.dataset=digits"]},
         "scale": {"rounds": 5, "w1_n": [], "fedkd": [[1_000, "host"]]},
         "sweep": {"rounds": 4, "temps": [1.0, 2.0], "seeds": [0], "run": {"rounds_per_dispatch": 2},
-                  "runs_per_device": ["auto", 2]},
+                  "runs_per_device": ["auto", 2], "sequential": False},
     },
     "cpu": {
         "timeout_s": 4 * 3600,
@@ -81,7 +81,7 @@ PROFILES = {
         "w2": {"rounds": 20, "group_sizes": [2], "overrides": []},
         "scale": {"rounds": 20, "w1_n": [100, 10_000, 1_000_000],
                   "fedkd": [[1_000, "device"], [1_000, "host"], [100_000, "host"], [100_000, "disk"]]},
-        "sweep": {"rounds": 200, "temps": [1.0, 2.0, 4.0, 8.0], "seeds": [0, 1, 2], "run": {},
+        "sweep": {"rounds": 200, "temps": [1.0, 2.0, 4.0, 8.0], "seeds": [0, 1, 2], "run": {}, "sequential": True,
                   "runs_per_device": ["auto", 2]},
     },
     "accelerator": {
@@ -91,7 +91,7 @@ PROFILES = {
         "w2": {"rounds": 20, "group_sizes": [1, 5, "all"], "overrides": []},
         "scale": {"rounds": 20, "w1_n": [100, 10_000, 1_000_000],
                   "fedkd": [[1_000, "device"], [1_000, "host"], [100_000, "host"], [100_000, "disk"]]},
-        "sweep": {"rounds": 100, "temps": [1.0, 2.0, 4.0, 8.0], "seeds": [0, 1, 2], "run": {},
+        "sweep": {"rounds": 100, "temps": [1.0, 2.0, 4.0, 8.0], "seeds": [0, 1, 2], "run": {}, "sequential": True,
                   "runs_per_device": ["auto", 1, 2, 4, 12]},
     },
 }
@@ -207,8 +207,8 @@ def part_sweep(p: dict) -> dict:
     kw = {"temps": p["temps"], "seeds": p["seeds"]}
     runs = len(p["temps"]) * len(p["seeds"])
     rows, errors, auto = [], [], None
-    seq = sweep.run_child("sequential", p["rounds"], run=p["run"], **kw)
-    results = [(f"{runs} runs one after another", seq, False)]
+    seq = sweep.run_child("sequential", p["rounds"], run=p["run"], **kw) if p["sequential"] else None
+    results = [(f"{runs} runs one after another", seq, False)] if seq is not None else []
     for rpd in p["runs_per_device"]:
         r = sweep.run_child("batched", p["rounds"], run={**p["run"], "runs_per_device": rpd}, **kw)
         if rpd == "auto" and "error" not in r:
@@ -222,13 +222,14 @@ def part_sweep(p: dict) -> dict:
             continue
         sec = r["compute_s"] / r["run_rounds"]
         ratios = {}
-        if "error" not in seq:
+        if seq is not None and "error" not in seq:
             ratios = {"end_to_end_vs_sequential": seq["wall_s"] / r["wall_s"],
                       "throughput_vs_sequential": (seq["compute_s"] / seq["run_rounds"]) / sec}
         rows.append(_row(label, sec, 1 / sec, "run-rounds/s", ratios, mode=r["mode"], wall_s=r["wall_s"],
                          runs_per_device=r.get("runs_per_device"), runs_per_wave=r.get("runs_per_wave"),
                          auto=is_auto, peak_rss_mb=r["peak_rss_mb"], device_peak_mb=r.get("device_peak_mb"),
                          mean_test_accuracy=r["mean_test_accuracy"]))
+    _vs_best(rows, lambda r: 0)
     return {"rows": rows, "errors": errors, "auto": {"runs_per_device": auto}, "runs": runs, "rounds": p["rounds"]}
 
 
@@ -348,7 +349,7 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {status} | {part['wall_s']:.1f} | {f'{rss:,.0f}' if rss else '–'} | "
                      f"{f'{dev:,.0f}' if dev else '–'} | {json.dumps(part.get('auto', {}))} |")
     lines += ["", "s/round: median seconds per round after warm-up (sweep: per run-round, compile excluded); "
-              "x best: against the fastest setting of the same cohort / method.", ""]
+              "x best: against the fastest setting of the same cohort / method (sweep: of the part).", ""]
     return "\n".join(lines)
 
 

@@ -45,13 +45,12 @@ def test_quick_run_measures_every_part_and_records_a_failing_one(tmp_path):
     assert min(r["ratios"]["vs_best"] for r in w1["rows"]) == 1.0
     assert {r["method"] for r in saved["parts"]["w2"]["rows"]} == {"fedkd", "fedavg_teacher_size",
                                                                  "fedavg_student_size"}
-    # run.runs_per_device: auto (1 on CPU) against an explicit count and the runs one after another
+    # run.runs_per_device: auto (1 on CPU) against an explicit count (the sequential runs: full sizes only)
     sweep = saved["parts"]["sweep"]
     assert sweep["auto"] == {"runs_per_device": 1}
-    assert sorted((r["mode"], r["runs_per_device"]) for r in sweep["rows"] if r["mode"] == "batched") == [
-        ("batched", 1), ("batched", 2)]
-    seq = [r for r in sweep["rows"] if r["mode"] == "sequential"]
-    assert len(seq) == 1 and seq[0]["ratios"]["end_to_end_vs_sequential"] == 1.0
+    assert sorted((r["mode"], r["runs_per_device"], r["auto"]) for r in sweep["rows"]) == [
+        ("batched", 1, True), ("batched", 2, False)]
+    assert min(r["ratios"]["vs_best"] for r in sweep["rows"]) == 1.0
 
     bogus = saved["parts"]["bogus"]
     assert bogus["ok"] is False and "unknown part 'bogus'" in bogus["error"]
