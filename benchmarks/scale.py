@@ -96,6 +96,7 @@ def child(args) -> dict:
     import numpy as np
     import optax
 
+    from fedkd_jax.builders import auto_group_size
     from fedkd_jax.runner.checkpoint import Checkpointer
     from fedkd_jax.runner.prefetch import Prefetcher
 
@@ -116,7 +117,10 @@ def child(args) -> dict:
         alg = fk.algorithms.fedkd(student, teacher, optax.sgd(0.05), optax.sgd(0.05), optax.sgd(1.0), batch_size=10)
         cohort, per = 10, 10
     tmp = tempfile.mkdtemp(prefix="fedkd-scale-")
-    sim = fk.Simulator(alg, fd, cohort_size=cohort, store=args.store, store_dir=os.path.join(tmp, "store"))
+    group = (auto_group_size(-(-cohort // jax.device_count())) if args.group_size == "auto"
+             else int(args.group_size))
+    sim = fk.Simulator(alg, fd, cohort_size=cohort, store=args.store, store_dir=os.path.join(tmp, "store"),
+                       group_size=group)
     pool = sim.put_data()
     state = sim.put_state(sim.init(0))
     jax.block_until_ready(pool)
@@ -142,7 +146,8 @@ def child(args) -> dict:
     per_device = device_bytes()
     out = {"kind": args.kind, "n": args.n, "store": args.store if sim.stateful else None, "copied": args.copied,
            "device_mb_max": max(per_device.values()) / 2**20, "device_mb_total": sum(per_device.values()) / 2**20,
-           "processes": jax.process_count(), "devices": jax.device_count(), "s_per_round": per_round,
+           "processes": jax.process_count(), "devices": jax.device_count(), "group_size": group,
+           "cohort": cohort, "s_per_round": per_round,
            "first_dispatch_s": first, "setup_s": setup}
     if sim.stateful:
         ck = Checkpointer(os.path.join(tmp, "checkpoints"), store=sim.store)
@@ -157,13 +162,16 @@ def child(args) -> dict:
         out["per_client_bytes"] = sim.store.per_client_bytes
         sim.store.close()
     out["peak_rss_mb"] = _rss_mb()
+    stats = jax.local_devices()[0].memory_stats() or {}  # GPU/TPU report their allocator's peak; CPU none
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
 
 
 def run_child(kind: str, n: int, store: str, rounds: int, *, processes: int = 1, devices: int | None = None,
-              copied: bool = False) -> dict:
+              copied: bool = False, group_size: int | str = "auto") -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--child", kind, "--n", str(n), "--store", store,
-            "--rounds", str(rounds)] + (["--copied"] if copied else [])
+            "--rounds", str(rounds), "--group-size", str(group_size)] + (["--copied"] if copied else [])
     env = dict(os.environ)
     if devices:
         env["FEDKD_CPU_DEVICES"] = str(devices)
@@ -189,6 +197,7 @@ def main() -> None:
     ap.add_argument("--n", type=int)
     ap.add_argument("--store", default="host")
     ap.add_argument("--copied", action="store_true", help="child: copy every client's rows (the old layout)")
+    ap.add_argument("--group-size", default="auto", help="child: run.group_size (auto: 1 on CPU, wider on GPU/TPU)")
     args = ap.parse_args()
     if args.child:
         args.kind = args.child

@@ -51,26 +51,30 @@ def _compute_seconds(rows) -> tuple[float, int]:
     return total, n
 
 
-def child(mode: str, rounds: int) -> dict:
+def child(mode: str, rounds: int, *, temps=TEMPS, seeds=SEEDS, run: dict | None = None) -> dict:
+    """One mode of the sweep in this process. ``run``: extra ``run.*`` settings (e.g.
+    ``runs_per_device``, ``rounds_per_dispatch``) over :data:`BASE`'s."""
     import fedkd_jax as fk
 
     fk.configure_cpu_devices()
     base = json.loads(json.dumps(BASE))
-    base["run"]["rounds"] = rounds
+    base["run"].update(run or {}, rounds=rounds)
     out = tempfile.mkdtemp(prefix=f"fedkd-sweep-bench-{mode}-")
     t0 = time.perf_counter()
     compute, n = 0.0, 0
     accs = []
+    extra = {}
     if mode == "batched":
-        res = fk.sweep(base, {"distill.temperature": TEMPS}, SEEDS, out)
-        for run in res.runs:
-            c, k = _compute_seconds(run["result"].rows)
+        res = fk.sweep(base, {"distill.temperature": list(temps)}, list(seeds), out)
+        for r in res.runs:
+            c, k = _compute_seconds(r["result"].rows)
             compute, n = compute + c, n + k
-            accs.append(run["result"].final.get("test_accuracy"))
-        compute /= _per_wave(len(TEMPS) * len(SEEDS))  # the runs of a wave share one dispatch's time
+            accs.append(r["result"].final.get("test_accuracy"))
+        compute /= res.runs_per_wave[0]  # the runs of a wave share one dispatch's time (one group here)
+        extra = {"runs_per_device": res.runs_per_device[0], "runs_per_wave": res.runs_per_wave[0]}
     else:
-        for t in TEMPS:
-            for s in SEEDS:
+        for t in temps:
+            for s in seeds:
                 cfg = json.loads(json.dumps(base))
                 cfg["distill"]["temperature"] = t
                 cfg["run"]["seed"] = s
@@ -79,30 +83,45 @@ def child(mode: str, rounds: int) -> dict:
                 compute, n = compute + c, n + k
                 accs.append(res.final.get("test_accuracy"))
     wall = time.perf_counter() - t0
-    return {"mode": mode, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "compute_s": compute, "run_rounds": n, "mean_test_accuracy": sum(accs) / len(accs)}
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}  # GPU/TPU report their allocator's peak; CPU none
+    if "peak_bytes_in_use" in stats:
+        extra["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return {"mode": mode, "runs": len(temps) * len(seeds), "wall_s": wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "compute_s": compute, "run_rounds": n, "mean_test_accuracy": sum(accs) / len(accs), **extra}
 
 
-def _per_wave(k: int) -> int:
-    from fedkd_jax.sweeps import sweep_mesh
-
-    return sweep_mesh(k).shape["runs"]
+def run_child(mode: str, rounds: int, *, temps=TEMPS, seeds=SEEDS, run: dict | None = None,
+              timeout: float = 7200) -> dict:
+    """:func:`child` in a process of its own (its peak RSS is its own); its JSON, or ``{"error": ...}``."""
+    argv = [sys.executable, os.path.abspath(__file__), "--child", mode, "--rounds", str(rounds),
+            "--temps", ",".join(map(str, temps)), "--seeds", ",".join(map(str, seeds)),
+            "--run-json", json.dumps(run or {})]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("{")), None)
+    if line and p.returncode == 0:
+        return json.loads(line)
+    return {"mode": mode, "error": p.stderr.strip().splitlines()[-3:]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--child", choices=("batched", "sequential"))
+    ap.add_argument("--temps", default=",".join(map(str, TEMPS)), help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help=argparse.SUPPRESS)
+    ap.add_argument("--run-json", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.rounds)), flush=True)
+        print(json.dumps(child(args.child, args.rounds, temps=[float(t) for t in args.temps.split(",")],
+                               seeds=[int(s) for s in args.seeds.split(",")], run=json.loads(args.run_json))),
+              flush=True)
         return
     results = {}
     for mode in ("batched", "sequential"):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--rounds", str(args.rounds)],
-                           capture_output=True, text=True, timeout=7200)
-        line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("{")), None)
-        results[mode] = json.loads(line) if line else {"error": p.stderr.strip().splitlines()[-3:]}
+        results[mode] = run_child(mode, args.rounds)
         print(json.dumps(results[mode]), flush=True)
     b, s = results["batched"], results["sequential"]
     summary = {"benchmark": "sweep", "runs": len(TEMPS) * len(SEEDS), "rounds": args.rounds,

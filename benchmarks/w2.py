@@ -32,7 +32,8 @@ fk.configure_cpu_devices()  # one CPU device per core, before JAX starts
 import jax
 import numpy as np
 
-from fedkd_jax.builders import client_weighting, build_algorithm, build_compressor, build_data, build_model
+from fedkd_jax.builders import (auto_group_size, build_algorithm, build_compressor, build_data, build_model,
+                                client_weighting)
 from fedkd_jax.config import load_config
 from fedkd_jax.engine import make_evaluator, make_personal_evaluator, summarize_clients
 
@@ -56,12 +57,15 @@ def flops_per_example(sizes) -> int:
     return 6 * sum(w) - 2 * w[0]
 
 
-def run_method(name: str, rounds: int, seed: int) -> dict:
-    cfg = load_config(None, COMMON + METHODS[name] + [f"run.rounds={rounds}", f"run.seed={seed}"])
+def run_method(name: str, rounds: int, seed: int, *, group_size: int | None = None, overrides=()) -> dict:
+    """One method of W2. ``group_size``: clients vmapped together per device (``None``:
+    ``run.group_size=auto``); ``overrides``: extra ``key=value`` settings over the workload's."""
+    cfg = load_config(None, COMMON + METHODS[name] + [f"run.rounds={rounds}", f"run.seed={seed}", *overrides])
     data = build_data(cfg)
     model = build_model(cfg, data)
     alg = build_algorithm(cfg, model, data)
-    sim = fk.Simulator(alg, data, cohort_size=cfg.run.cohort_size, compressor=build_compressor(cfg),
+    group = group_size or auto_group_size(-(-cfg.run.cohort_size // jax.device_count()))
+    sim = fk.Simulator(alg, data, cohort_size=cfg.run.cohort_size, group_size=group, compressor=build_compressor(cfg),
                        downlink=build_compressor(cfg, downlink=True), weighting=client_weighting(cfg))
     dev = sim.put_data()
     state = sim.put_state(sim.init(seed))
@@ -86,6 +90,7 @@ def run_method(name: str, rounds: int, seed: int) -> dict:
     # the first timed round includes jit's own cache fill; the median ignores it
     return {
         "method": name,
+        "group_size": group,
         "sec_per_round": float(np.median(times)),
         "compile_sec": compile_s,
         "holdout_accuracy": float(ev["test_accuracy"]),

@@ -37,6 +37,7 @@ def test_each_batched_run_equals_its_single_run(tmp_path, algorithm, key, values
     base["run"] = dict(base["run"], runs_per_device=per_device)
     res = run_sweep(base, {key: values}, [1], str(tmp_path / "sweep"), progress=False)
     assert len(res.runs) == 2 and res.groups == 1
+    assert res.runs_per_device == [per_device] and res.runs_per_wave == [2]
     from fedkd_jax.sweeps.engine import sweep_mesh
 
     assert sweep_mesh(2, runs_per_device=per_device).shape["runs"] == 2 // per_device

@@ -147,6 +147,7 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
                desc=f"sweep of {len(runs)} runs")
     results: list[Any] = [None] * len(runs)
     compiled = 0
+    per_device, per_wave = [], []
     t_start = time.perf_counter()
     interrupted = False
     try:
@@ -198,6 +199,8 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
                         if c.done != common:
                             c.rewind(common, c.sim.put_state(c.sim.init(c.cfg.run.seed)))
                     waves_of = mesh.shape["runs"] * rpd
+                    per_device.append(rpd)
+                    per_wave.append(min(waves_of, len(ctxs)))
                     programs: dict = {}
                     waves = []
                     for w in range(0, len(ctxs), waves_of):
@@ -236,5 +239,6 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
                            write=distributed.is_primary() and not interrupted)
     result.compiled_programs = compiled
     result.groups = len(groups)
+    result.runs_per_device, result.runs_per_wave = per_device, per_wave
     result.seconds = time.perf_counter() - t_start
     return result

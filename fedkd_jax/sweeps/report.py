@@ -37,6 +37,10 @@ class SweepResult:
       keys: the swept settings.
       compiled_programs: round programs compiled (one per static configuration
         and dispatch length).
+      runs_per_device: per program group, the runs batched on each device
+        (``run.runs_per_device``, ``auto`` resolved).
+      runs_per_wave: per program group, the runs one dispatch trains together
+        (positions of the runs axis x runs per device, at most the group's runs).
     """
 
     rows: list[dict[str, Any]]
@@ -47,6 +51,8 @@ class SweepResult:
     interrupted: bool = False
     compiled_programs: int = 0
     groups: int = 0
+    runs_per_device: list[int] = field(default_factory=list)
+    runs_per_wave: list[int] = field(default_factory=list)
     seconds: float = 0.0
     plots: list[str] = field(default_factory=list)
 
