@@ -31,7 +31,7 @@ tuned setting (1 is best on CPU; larger groups feed accelerators).
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Callable
 
 import jax
@@ -196,12 +196,11 @@ class Simulator:
         self._by_client = NamedSharding(self.mesh, P(None, CLIENTS))
         self._server_data = put_replicated(algorithm.server_data, self._replicated)
 
-        abstract = jax.eval_shape(self.init, 0)
+        self._abstract = abstract = jax.eval_shape(self.init, 0)
         if algorithm.download_bytes is not None:
             self.bytes_down_per_client = int(algorithm.download_bytes)
         else:
             self.bytes_down_per_client = tree_bytes(jax.eval_shape(algorithm.broadcast, abstract.server))
-        self.bytes_up_per_client = tree_bytes(self._abstract_output(abstract).update)
         self._program = jax.jit(self._rounds, static_argnums=(0,))
         self._init_block = init_program(algorithm.init_client) if self.stateful else None
         self._init_jit = jax.jit(self._init_state)
@@ -240,6 +239,12 @@ class Simulator:
         """Forget every client's stored state (start a new run on this simulator)."""
         if self.store is not None:
             self.store.reset()
+
+    @cached_property
+    def bytes_up_per_client(self) -> int:
+        """Bytes of one client's uncompressed update (traced once, when first asked:
+        the round itself counts them from its own trace)."""
+        return tree_bytes(self._abstract_output(self._abstract).update)
 
     def _abstract_output(self, abstract: SimState):
         cd = ClientData(
@@ -281,7 +286,7 @@ class Simulator:
             real = count > 0
             w = out.weight * real
             aw = (out.weight if out.aux_weight is None else out.aux_weight) * real
-            nbytes = self.bytes_up_per_client if out.upload_bytes is None else out.upload_bytes
+            nbytes = tree_bytes(out.update) if out.upload_bytes is None else out.upload_bytes
             payload, stats = {"update": out.update, "aux": ()}, {}
             aux_done = False
             for i, t in enumerate(chain):
