@@ -3,11 +3,13 @@
 Importing the package configures nothing in JAX. Entry points (the ``fedkd``
 CLI, the scripts) call :func:`configure_cpu_devices` to expose the machine's
 cores as devices before JAX starts; call it yourself first in a script that
-wants that.
+wants that, and :func:`configure_compile_cache` to keep compiled programs on
+disk across runs (``fk.run``, ``fk.sweep`` and the CLI do both).
 """
 
 from fedkd_jax import aggregation, algorithms, compression, data, engine, losses, models, privacy, store
 from fedkd_jax._devices import configure_cpu_devices
+from fedkd_jax.compile_cache import configure_compile_cache
 from fedkd_jax.api import Result, run, sweep
 from fedkd_jax.algorithms import FederatedAlgorithm, fedavg
 from fedkd_jax.data import FederatedData, federate
@@ -31,6 +33,7 @@ __all__ = [
     "algorithms",
     "client_mesh",
     "compression",
+    "configure_compile_cache",
     "configure_cpu_devices",
     "data",
     "engine",
