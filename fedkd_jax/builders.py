@@ -193,7 +193,8 @@ def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
     import math
 
     from fedkd_jax.aggregation import chain, compress, mean
-    from fedkd_jax.config import count_noise, dp_enabled, frac_bits_value, max_clip_norm, secagg_threshold
+    from fedkd_jax.config import (count_noise, dp_enabled, frac_bits_value, max_clip_norm, secagg_neighbors,
+                                  secagg_threshold)
     from fedkd_jax.privacy import choose_fraction_bits, gaussian, secure_aggregation
 
     p, a = cfg.privacy, cfg.secagg
@@ -223,7 +224,8 @@ def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
         frac = choose_fraction_bits(a.bits, clip_norm=bound, max_weight=max_w, max_clients=capacity,
                                     frac_bits=frac_bits_value(a.frac_bits))
         steps.append(secure_aggregation(bits=a.bits, frac_bits=frac, num_clients=data.num_clients,
-                                        dropout_rate=a.dropout_rate, threshold=secagg_threshold(cfg)))
+                                        dropout_rate=a.dropout_rate, threshold=secagg_threshold(cfg),
+                                        neighbors=secagg_neighbors(cfg)))
     return chain(*steps)
 
 
