@@ -52,11 +52,29 @@ def _neighbour_sets(nb, valid):
     return [set(int(j) for j, ok in zip(nb[i], valid[i]) if ok) for i in range(nb.shape[0])]
 
 
-def _expected_upload(values, i, peers, rkey, bits, frac):
+def _hash_words(key, d):
+    """The counter-mode hash PRG in numpy (uint64 arithmetic, reduced to 32 bits)."""
+    k0, k1 = (int(w) for w in np.asarray(jax.random.key_data(key)).reshape(-1)[:2])
+    m32 = 0xFFFFFFFF
+
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) & m32
+        x ^= x >> 15
+        x = (x * 0x735A2D97) & m32
+        return x ^ (x >> 15)
+
+    c = np.arange(d, dtype=np.uint64)
+    return mix(mix((c * 0x9E3779B9 + k0) & m32) ^ k1).astype(np.int64)
+
+
+def _expected_upload(values, i, peers, rkey, bits, frac, prg_name="threefry"):
     """Client i's masked upload by hand: fixed point + signed pair masks + self mask (mod 2^bits)."""
     d, mod = values.shape[1], 2**bits
 
     def prg(key):
+        if prg_name == "hash":
+            return _hash_words(key, d) % mod
         return np.asarray(jax.random.bits(key, (d,), jnp.uint32), np.int64) % mod
 
     y = _fixed_point(values, i, frac) % mod
@@ -149,13 +167,15 @@ def test_the_graph_is_a_harary_ring_and_small_cohorts_get_the_complete_graph():
 
 
 # -------------------------------------------------- uploads, sum, abort rule
-@pytest.mark.parametrize("bits, frac, neighbors", [(32, 16, 4), (16, 8, 4), (32, 16, None)])
-def test_uploads_match_a_per_client_computation_and_the_sum_is_exact_with_dropouts(bits, frac, neighbors):
+@pytest.mark.parametrize("bits, frac, neighbors, prg", [(32, 16, 4, "hash"), (16, 8, 4, "threefry"),
+                                                      (32, 16, None, "threefry")])
+def test_uploads_match_a_per_client_computation_and_the_sum_is_exact_with_dropouts(bits, frac, neighbors, prg):
     ids = jnp.asarray([4, 9, N, 1, 7, 3, 8, 0, N, 2, 6, 5])
     real = np.asarray(ids) < N
     rkey = jax.random.key(42)
     values = np.random.default_rng(0).normal(size=(12, 30)).astype(np.float32) * (0.01 if bits == 16 else 1)
-    t = secagg.secure_aggregation(bits=bits, frac_bits=frac, num_clients=N, neighbors=neighbors, threshold=2)
+    t = secagg.secure_aggregation(bits=bits, frac_bits=frac, num_clients=N, neighbors=neighbors, threshold=2,
+                                  prg=prg)
     upload = _upload_fn(t, ids, rkey)
     if neighbors is None:
         peers = [set(np.flatnonzero(real)) - {i} if real[i] else set() for i in range(12)]
@@ -165,7 +185,8 @@ def test_uploads_match_a_per_client_computation_and_the_sum_is_exact_with_dropou
     for i in range(12):
         y, _, nbytes = upload(jnp.asarray(values[i]), jnp.int32(i))
         if real[i]:  # padding uploads nothing (the engine zeroes it)
-            np.testing.assert_array_equal(np.asarray(y, np.int64), _expected_upload(values, i, peers[i], rkey, bits, frac))
+            expect = _expected_upload(values, i, peers[i], rkey, bits, frac, prg)
+            np.testing.assert_array_equal(np.asarray(y, np.int64), expect)
             assert float(nbytes) == math.ceil(30 * bits / 8) + 64 + 80 * len(peers[i])
         ups.append(np.asarray(y, np.uint64))
     finalize = _finalize_fn(t, ids, rkey)
@@ -179,9 +200,10 @@ def test_uploads_match_a_per_client_computation_and_the_sum_is_exact_with_dropou
         np.testing.assert_array_equal(np.asarray(got), expect.astype(np.float32))
 
 
-def test_a_single_sparse_masked_upload_looks_uniform():
+@pytest.mark.parametrize("prg", ["hash", "threefry"])
+def test_a_single_sparse_masked_upload_looks_uniform(prg):
     ids, rkey = jnp.arange(5), jax.random.key(3)
-    t = secagg.secure_aggregation(bits=32, frac_bits=16, num_clients=N, neighbors=2)
+    t = secagg.secure_aggregation(bits=32, frac_bits=16, num_clients=N, neighbors=2, prg=prg)
     y, _, _ = _upload_fn(t, ids, rkey)(jnp.zeros(40_000), jnp.int32(1))  # constant payload: structure = masks
     y = np.asarray(y, np.uint64)
     counts = np.bincount((y >> 28).astype(np.int64), minlength=16)  # 16 bins on the top 4 bits
