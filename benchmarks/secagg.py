@@ -85,7 +85,8 @@ def time_mode(mode: str, cohort: int, rounds: int, out_dir: str, algorithm: str 
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t)
         nbytes = int(np.asarray(m["bytes_up_clients"]).max())
-    row = {"algorithm": algorithm, "mode": mode, "cohort": cohort, "rounds_timed": rounds, "sec_per_round": float(np.median(times)),
+    row = {"algorithm": algorithm, "mode": mode, "cohort": cohort, "rounds_timed": rounds,
+           "sec_per_round": float(np.median(times)),
            "compile_sec": compile_s, "bytes_up_per_client": nbytes}
     if mode != "plain":
         k = secagg_neighbors(cfg)
