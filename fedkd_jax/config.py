@@ -30,7 +30,9 @@ from fedkd_jax.settings import (  # noqa: F401 - re-exported: derived settings l
     frac_bits_value,
     group_size_value,
     max_clip_norm,
+    neighbors_value,
     sampling_method,
+    secagg_neighbors,
     secagg_threshold,
 )
 
@@ -147,9 +149,10 @@ class PrivacyConfig:
 class SecAggConfig:
     enabled: bool = False
     dropout_rate: float = 0.0  # share of the cohort dropping after masking
-    threshold: Optional[int] = None  # survivors needed to unmask (default: a majority of the cohort); fewer: empty round
+    threshold: Optional[int] = None  # full: survivors needed to unmask (default a majority); SecAgg+: surviving neighbours per key
     bits: int = 32  # the ring Z_(2^bits)
     frac_bits: Optional[Union[int, str]] = "auto"  # fixed-point scale 2^frac_bits: auto (the finest that cannot overflow) or an integer >= 0
+    neighbors: Union[int, str] = "auto"  # masking graph: full (Bonawitz et al.) | auto (SecAgg+, k from the cohort) | even k >= 2
 
 
 @dataclass
@@ -227,6 +230,8 @@ def _key_error(e: OmegaConfBaseException) -> ConfigError:
     for section, name, word, least in _WORD_OR_COUNT:  # a float or bool: say what the key takes
         if key == f"{section}.{name}":
             return ConfigError(key, f"{_allowed(word, least)}; {msg}")
+    if key == "secagg.neighbors":
+        return ConfigError(key, f"must be 'full', 'auto' or an even integer >= 2; {msg}")
     return ConfigError(key, msg)
 
 
@@ -287,8 +292,13 @@ def upgrade_saved(d: Any) -> Any:
 
     Runs saved before ``server.adaptive_form`` existed used optax's FedAdam /
     FedYogi, so they resume with ``optax`` rather than the new default; their
-    ``data.min_examples: 2`` is today's unset value for their partition.
+    ``data.min_examples: 2`` is today's unset value for their partition. Runs
+    saved before ``secagg.neighbors`` existed masked over the complete graph:
+    they resume with ``full``.
     """
+    secagg = d.get("secagg") if hasattr(d, "get") else None
+    if secagg is not None and "neighbors" not in secagg:  # saved before SecAgg+: the complete graph
+        secagg["neighbors"] = "full"
     server = d.get("server") if hasattr(d, "get") else None
     if server is not None and "adaptive_form" not in server:  # saved before these keys changed
         server["adaptive_form"] = "optax"

@@ -90,10 +90,54 @@ def count_noise(cfg: Config) -> float:
     return p.count_stddev if p.count_stddev is not None else cfg.run.cohort_size / 20.0
 
 
+def neighbors_value(value: str | int) -> str | int:
+    """``secagg.neighbors`` checked: ``'full'``, ``'auto'`` or an even integer ``>= 2``."""
+    text = str(value).strip().lower()
+    if text in ("full", "auto"):
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if k < 2 or k % 2 or isinstance(value, bool):
+        raise ConfigError("secagg.neighbors", f"must be 'full' (the complete graph, Bonawitz et al.), 'auto' (SecAgg+ "
+                                              f"sized for the cohort) or an even integer >= 2 (H(k, n) is k-regular "
+                                              f"for every n only for even k); got {value!r}")
+    return k
+
+
+def secagg_neighbors(cfg: Config) -> int | None:
+    """The degree ``k`` of SecAgg+'s masking graph, or ``None`` for the complete graph:
+    ``secagg.neighbors=full``, or ``auto`` where no sparse graph meets Bell et al.'s
+    bounds for the cohort (:mod:`fedkd_jax.privacy.secagg_params`)."""
+    v = neighbors_value(cfg.secagg.neighbors)
+    if v == "full":
+        return None
+    if v == "auto":
+        from fedkd_jax.privacy.secagg_params import auto_parameters
+
+        p = auto_parameters(cfg.run.cohort_size, cfg.secagg.dropout_rate)
+        return None if p is None else p.neighbors
+    return int(v)
+
+
 def secagg_threshold(cfg: Config) -> int:
-    """Survivors secure aggregation needs to unmask: ``secagg.threshold`` or a majority of the cohort."""
+    """Secure aggregation's threshold: ``secagg.threshold``, or by default, for the complete
+    graph, survivors needed to unmask (a majority of the cohort); for SecAgg+, surviving
+    neighbours needed to rebuild a key (``auto``: Bell et al.'s ``t``; an integer ``k``:
+    a majority of the ``min(k, C - 1)`` neighbours)."""
     t = cfg.secagg.threshold
-    return int(t) if t is not None else cfg.run.cohort_size // 2 + 1
+    if t is not None:
+        return int(t)
+    k = secagg_neighbors(cfg)
+    c = cfg.run.cohort_size
+    if k is None:
+        return c // 2 + 1
+    if neighbors_value(cfg.secagg.neighbors) == "auto":
+        from fedkd_jax.privacy.secagg_params import auto_parameters
+
+        return auto_parameters(c, cfg.secagg.dropout_rate).threshold
+    return min(k, c - 1) // 2 + 1
 
 
 def max_clip_norm(cfg: Config) -> float:

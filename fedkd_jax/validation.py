@@ -21,7 +21,9 @@ from fedkd_jax.settings import (
     dp_enabled,
     frac_bits_value,
     group_size_value,
+    neighbors_value,
     sampling_method,
+    secagg_neighbors,
     secagg_threshold,
 )
 from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
@@ -95,6 +97,7 @@ def _validate_privacy(cfg: Config) -> None:
     if not 8 <= a.bits <= 32:
         raise ConfigError("secagg.bits", f"must be in [8, 32]; got {a.bits}")
     frac_bits_value(a.frac_bits)
+    neighbors_value(a.neighbors)
     if a.enabled:
         if cfg.algorithm in ("feddf", "server_teacher_kd"):
             raise ConfigError("secagg.enabled", f"{cfg.algorithm} distils the ensemble of each client's model on the "
@@ -107,10 +110,14 @@ def _validate_privacy(cfg: Config) -> None:
         if c < 2:
             raise ConfigError("run.cohort_size", "secure aggregation needs at least 2 clients per round (one "
                                                  "client's masked sum is its update in the clear); got 1")
-        t = secagg_threshold(cfg)
-        if not 2 <= t <= c:
+        k, t = secagg_neighbors(cfg), secagg_threshold(cfg)
+        if k is None and not 2 <= t <= c:
             raise ConfigError("secagg.threshold", f"must be in [2, run.cohort_size = {c}] (survivors needed to "
                                                   f"unmask the sum); got {t}")
+        if k is not None and not 2 <= t <= min(k, c - 1):
+            raise ConfigError("secagg.threshold", f"must be in [2, {min(k, c - 1)}] with SecAgg+'s {k} neighbours "
+                                                  f"per client (surviving neighbours needed to rebuild a key; "
+                                                  f"secagg.neighbors=full for survivors of the whole cohort); got {t}")
 
 
 def validate(cfg: Config) -> None:

@@ -46,6 +46,9 @@ class ClientIn(NamedTuple):
       client_id: this client's id.
       round_key: the round's key, the same for every client (e.g. for seeds
         two clients must agree on, as a key agreement would give them).
+      setup: what ``encode.cohort_setup(round_key, ids)`` returned, computed once
+        per round for the whole cohort (e.g. secure aggregation's masking graph),
+        or ``None`` when the encode has no such attribute.
     """
 
     key: jax.Array
@@ -58,6 +61,7 @@ class ClientIn(NamedTuple):
     contributes: jax.Array
     client_id: jax.Array
     round_key: jax.Array | None = None
+    setup: Any = None
 
 
 class ClientOut(NamedTuple):

@@ -276,6 +276,10 @@ class Simulator:
         chain = agg.transforms
         all_ids = jax.lax.all_gather(ids, CLIENTS, tiled=True) if self._needs_cohort else ids
         offset = jax.lax.axis_index(CLIENTS) * n_local
+        # what a transform derives from the whole cohort (secure aggregation's masking
+        # graph): once per round and device, not once per client
+        setups = [t.encode.cohort_setup(rkey, all_ids) if getattr(t.encode, "cohort_setup", None) else None
+                  for t in chain]
 
         def one(cid, crow, count, strag, cstate, position):
             cd = ClientData(pool.x[crow], pool.y[crow], count, strag)
@@ -296,7 +300,7 @@ class Simulator:
                 if t.encode is None:
                     continue
                 cin = ClientIn(jax.random.fold_in(ckey, _COMPRESS + i), round_index, agg_state[t.name], w, aw,
-                               position, all_ids, (), cid, rkey)
+                               position, all_ids, (), cid, rkey, setups[i])
                 payload, co = t.encode(payload, cin)
                 w, aw = co.weight, co.aux_weight
                 nbytes = nbytes if co.payload_bytes is None else co.payload_bytes
