@@ -35,6 +35,7 @@ from fedkd_jax.engine.cohort import key_bits
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.paths import check_writable_dir
 from fedkd_jax.runner.context import RunContext, RunResult, resolve_run
+from fedkd_jax.runner.outputs import preload_plotting
 from fedkd_jax.runner.prefetch import Prefetcher
 from fedkd_jax.runner.resume import check_compatible, saved_config
 
@@ -188,6 +189,8 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     bar = tqdm(total=ctx.limit, initial=min(ctx.done, ctx.limit), unit="round", disable=not (show and ctx.primary),
                dynamic_ncols=True, desc=f"{cfg.algorithm}/{cfg.data.dataset}")
     prefetch = Prefetcher(sim, key_bits(ctx.state.key))
+    if ctx.primary and ctx.done < ctx.limit:
+        preload_plotting()
     interrupted = False
     written = None  # the union whose states the previous dispatch wrote back
     try:

@@ -110,6 +110,23 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def preload_plotting() -> None:
+    """Import matplotlib on a background thread (a quarter second) while the run's rounds
+    compute, so the plot at the end does not wait for it."""
+    import threading
+
+    def load():
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except Exception:  # noqa: BLE001 - plot_accuracy reports any real problem itself
+            pass
+
+    threading.Thread(target=load, name="fedkd-preload-plotting", daemon=True).start()
+
+
 def plot_accuracy(rows: list[dict[str, Any]], path: str, *, title: str = "") -> None:
     """Left: global (student) test accuracy with the p10-p90 band of per-client
     accuracy, mean teacher accuracy when present, and train loss. Right:
