@@ -121,6 +121,9 @@ def build_algorithm(cfg: Config, model: Model, data: FederatedData) -> alg_lib.F
     """The configured algorithm, from :data:`ALGORITHM_BUILDERS`."""
     if cfg.algorithm not in ALGORITHM_BUILDERS:
         raise ConfigError("algorithm", f"unknown algorithm {cfg.algorithm!r}; allowed: {', '.join(ALGORITHM_BUILDERS)}")
+    if data.y.ndim > 1 and cfg.algorithm in ("feddf", "server_teacher_kd"):
+        raise ConfigError("algorithm", f"{cfg.algorithm} distils on a proxy set of single labels; next-token data "
+                                       "(a label per token) runs with fedavg (any server optimizer), fedprox or fedkd")
     return ALGORITHM_BUILDERS[cfg.algorithm](cfg, model, data)
 
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedkd_jax.losses.classification import token_mask
+
 Params = Any
 LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
@@ -126,7 +128,8 @@ def scan_batches(
 
     def body(c, batch):
         bi, bm = batch
-        new_c, metrics = step(c, x[bi], y[bi], bm)
+        yb = y[bi]
+        new_c, metrics = step(c, x[bi], yb, token_mask(yb, bm))
         real = jnp.any(bm)
         return tree_where(real, new_c, c), (metrics, real.astype(jnp.float32))
 

@@ -161,10 +161,11 @@ def validate_dataset(ds: Dataset) -> None:
     if not finite.all():
         row = int(np.argmin(finite.all(axis=1)))
         raise DataError("data.x", f"features must be finite; row {row} holds NaN or inf")
-    bad = (ds.y < 0) | (ds.y >= ds.num_classes)
+    y = np.asarray(ds.y)
+    tokens = y.ndim > 1  # next-token targets [n, L]: -1 marks padding
+    bad = (y < (-1 if tokens else 0)) | (y >= ds.num_classes)
     if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError(
-            "data.y",
-            f"labels must lie in [0, {ds.num_classes}); row {i} has label {int(ds.y[i])}",
-        )
+        at = np.unravel_index(int(np.argmax(bad)), y.shape)
+        where = f"row {at[0]}" + (f", position {at[1]}" if tokens else "")
+        allowed = f"[0, {ds.num_classes})" + (" or -1 (padding)" if tokens else "")
+        raise DataError("data.y", f"labels must lie in {allowed}; {where} has label {int(y[at])}")

@@ -28,7 +28,9 @@ class FederatedData:
     """A population: pooled rows and each client's row indices (host numpy).
 
     Attributes:
-      x: ``[R, D]`` float32 pooled features; y: ``[R]`` int32 labels.
+      x: ``[R, D]`` float32 pooled features; y: ``[R]`` int32 labels. Token
+        tasks (next-token prediction): ``x [R, L]`` token ids (as float32) and
+        ``y [R, L]`` int32 targets, negative at padding.
       train_rows, train_offsets: client ``i`` trains on pool rows
         ``train_rows[train_offsets[i]:train_offsets[i+1]]``.
       test_rows, test_offsets: the same for each client's local test split.
@@ -52,6 +54,7 @@ class FederatedData:
     num_classes: int = 10
     image_shape: tuple[int, ...] | None = None
     name: str = ""
+    accuracy_ignore: tuple[int, ...] = ()  # token tasks: label ids left out of accuracy (e.g. OOV, EOS)
 
     def replace(self, **changes) -> "FederatedData":
         return dataclasses.replace(self, **changes)
@@ -171,6 +174,9 @@ def federate(
     ds_lib.validate_dataset(dataset)
     if partition not in part_lib.PARTITIONS:
         raise DataError("data.partition", f"unknown partition {partition!r}; allowed: {', '.join(part_lib.PARTITIONS)}")
+    if np.ndim(dataset.y) > 1 and partition not in ("natural", "iid", "quantity"):
+        raise DataError("data.partition", f"{partition!r} splits by label, and {dataset.name!r} is a next-token task "
+                                          "(a label per token); use natural, iid or quantity")
     rng = np.random.default_rng(seed)
     n = len(dataset.y)
     natural = partition == "natural"
@@ -242,6 +248,7 @@ def federate(
         num_classes=dataset.num_classes,
         image_shape=dataset.image_shape,
         name=dataset.name,
+        accuracy_ignore=tuple(getattr(dataset, "accuracy_ignore", ()) or ()),
     )
 
 

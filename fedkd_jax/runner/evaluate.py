@@ -56,12 +56,13 @@ class PersonalEvaluation:
         self.initial = np.full(len(self.ids), np.nan)  # accuracy of the initial model, once computed
         self.known = np.zeros(len(self.ids), bool)
         alg = sim.algorithm
-        self.evaluate = make_personal_evaluator(alg.personal_model.apply)
+        ignore = tuple(data.accuracy_ignore)
+        self.evaluate = make_personal_evaluator(alg.personal_model.apply, ignore=ignore)
         apply = alg.personal_model.apply
 
         @jax.jit
         def initial_accuracy(key, ids, ev):
-            return personal_accuracy(apply, ev, alg.personal_params(sim.init_clients(key, ids)))
+            return personal_accuracy(apply, ev, alg.personal_params(sim.init_clients(key, ids)), ignore=ignore)
 
         self.initial_accuracy = initial_accuracy
 
@@ -101,7 +102,7 @@ def make_evaluate(sim: Simulator, ev_ids: np.ndarray, *, personal_block: int = 1
 
     algorithm = sim.algorithm
     ev_data = sim.eval_data(ev_ids, pool=pool)
-    global_eval = make_evaluator(algorithm.model.apply)
+    global_eval = make_evaluator(algorithm.model.apply, ignore=tuple(sim.data.accuracy_ignore))
     personal = None
     if algorithm.personal_model is not None:
         ids = np.asarray(ev_ids)[eval_clients(len(ev_ids), personal_clients, seed)]  # nested in ev_ids
