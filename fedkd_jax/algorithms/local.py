@@ -111,32 +111,59 @@ def scan_batches(
     max_real_steps: jax.Array | None = None,
     unroll: int | bool = 1,
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Run ``step(carry, xb [B, D], yb [B], where [B]) -> (carry, metrics)`` over the schedule.
+    """Run ``step(carry, xb [B, D], yb [B], where [B]) -> (carry, metrics)`` over the
+    client's real batches of :func:`batch_schedule`.
 
-    A step whose batch holds no real row keeps the old carry (parameters and
-    optimizer states alike). ``max_real_steps`` (straggler simulation) stops
-    the client after that many real steps.
+    The loop runs exactly the client's real steps (a dynamic trip count), not
+    the schedule padded to the largest client: a client of 20 rows in a
+    population whose largest holds 400 takes 2 steps, not 40 (with clients
+    vmapped together, the group runs to its longest member and the finished
+    ones stay put). Batches, their order and the updates are those of the
+    padded schedule, whose empty batches changed nothing. ``max_real_steps``
+    (straggler simulation) stops the client after that many real steps.
+    ``unroll`` is accepted for compatibility and ignored (a dynamic loop).
 
     Returns:
       ``(carry, metrics)``: each metric averaged over the real steps, plus
       ``"steps"``, the number of real steps taken.
     """
-    idx, mask = batch_schedule(key, count, x.shape[0], batch_size, epochs=epochs, steps=steps)
+    del unroll
+    m = x.shape[0]
+    n = real_steps(count, m, batch_size, epochs=epochs, steps=steps)
     if max_real_steps is not None:
-        real_so_far = jnp.cumsum(jnp.any(mask, axis=1))
-        mask = mask & (real_so_far <= max_real_steps)[:, None]
+        n = jnp.minimum(n, max_real_steps)
+    if steps is None:  # epoch e's real batches are the first ceil(count / B) of its shuffle
+        orders = jax.vmap(lambda e: epoch_order(jax.random.fold_in(key, e), count, m))(jnp.arange(epochs))
+        per_epoch = jnp.maximum((count + batch_size - 1) // batch_size, 1)
 
-    def body(c, batch):
-        bi, bm = batch
+        def batch(t):
+            pos = (t % per_epoch) * batch_size + jnp.arange(batch_size)
+            return jnp.take(orders[t // per_epoch], pos, mode="clip"), pos < count
+    else:
+        idx, mask = batch_schedule(key, count, m, batch_size, steps=steps)
+
+        def batch(t):
+            return idx[t], mask[t]
+
+    def one(c, t):
+        bi, bm = batch(t)
         yb = y[bi]
-        new_c, metrics = step(c, x[bi], yb, token_mask(yb, bm))
-        real = jnp.any(bm)
-        return tree_where(real, new_c, c), (metrics, real.astype(jnp.float32))
+        return step(c, x[bi], yb, token_mask(yb, bm))
 
-    carry, (metrics, real) = jax.lax.scan(body, carry, (idx, mask), unroll=unroll)
-    n = jnp.sum(real)
-    out = {k: jnp.sum(v * real) / jnp.maximum(n, 1.0) for k, v in metrics.items()}
-    out["steps"] = n
+    # zero sums typed like per-client values (inside shard_map they vary over the clients axis, as count does)
+    zero = (count * 0).astype(jnp.float32)
+    zeros = jax.tree.map(lambda a: jnp.broadcast_to(zero, a.shape).astype(a.dtype),
+                         jax.eval_shape(one, carry, jnp.int32(0))[1])
+
+    def body(t, state):
+        c, sums = state
+        c, metrics = one(c, t)
+        return c, jax.tree.map(jnp.add, sums, metrics)
+
+    carry, sums = jax.lax.fori_loop(0, n, body, (carry, zeros))
+    nf = n.astype(jnp.float32)
+    out = {k: v / jnp.maximum(nf, 1.0) for k, v in sums.items()}
+    out["steps"] = nf
     return carry, out
 
 
