@@ -222,5 +222,6 @@ def test_build_model_reads_width_and_sequence_shape_from_config(digits20):
     assert (student.feature_dim, teacher.feature_dim) == (64, 512)
     tokens = digits20.replace(x=np.zeros((digits20.x.shape[0], 9), np.float32), image_shape=None, num_classes=17)
     lm = build_model(load_config(None, ["model.kind=nwp_lstm", "model.width=0.0625"]), tokens)
-    out = jax.eval_shape(lm.apply, jax.eval_shape(lm.init, jax.random.key(0)), jax.ShapeDtypeStruct((2, 9), jnp.float32))
+    shapes = jax.eval_shape(lm.init, jax.random.key(0))
+    out = jax.eval_shape(lm.apply, shapes, jax.ShapeDtypeStruct((2, 9), jnp.float32))
     assert (lm.in_features, out[0].shape) == (9, (2, 9, 17))
