@@ -1,7 +1,8 @@
 """The field's reference next-token models (flax.nnx), each returning ``(logits, features)``.
 
 Input ``x [B, L]`` float32 holding token ids in ``[0, V)`` (the engine's
-rows are float32; ids up to 2^24 are exact), cast to int32 inside. Output
+rows are float32; ids up to 2^24 are exact), cast to int32 inside; an id
+outside ``[0, V)`` embeds as NaN, so a vocabulary mismatch shows at once. Output
 ``logits [B, L, V]`` -- position ``t`` predicts token ``t + 1`` -- and
 ``features [B, F]``: the input of the output layer averaged over all ``L``
 positions, padding included (a fixed-shape summary for the distillation
