@@ -49,7 +49,11 @@ def build_data(cfg: Config) -> FederatedData:
 def build_model(cfg: Config, data: FederatedData, *, teacher: bool = False) -> Model:
     """The shared model, or (``teacher=True``) the teacher of fedkd / server_teacher_kd."""
     m = cfg.model
-    kind, hidden = (cfg.distill.teacher_kind, cfg.distill.teacher_hidden) if teacher else (m.kind, m.hidden)
+    k = cfg.distill
+    kind, hidden, width = ((k.teacher_kind, k.teacher_hidden, k.teacher_width) if teacher
+                           else (m.kind, m.hidden, m.width))
+    # Next-token models read the sequence length L = data.num_features and the vocabulary size
+    # (special tokens included) = data.num_classes from the data, as classifiers read D and K.
     return make_model(
         kind,
         num_features=data.num_features,
@@ -57,6 +61,7 @@ def build_model(cfg: Config, data: FederatedData, *, teacher: bool = False) -> M
         hidden=hidden,
         channels=m.channels,
         image_shape=data.image_shape,
+        width=width,
     )
 
 

@@ -62,9 +62,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"  # mlp | cnn
+    # mlp | cnn | femnist_cnn | femnist_cnn_dropout | resnet18_gn | char_lstm | nwp_lstm | transformer
+    kind: str = "mlp"
     hidden: List[int] = field(default_factory=lambda: [64])  # MLP widths; CNN dense width
     channels: List[int] = field(default_factory=lambda: [16, 32])  # CNN conv channels
+    width: float = 1.0  # reference models: multiplier of every hidden width (1 = the papers' sizes)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class DistillConfig:
     alpha: float = 0.5  # server_teacher_kd: alpha * CE + (1 - alpha) * T^2 * KL
     teacher_kind: str = "mlp"  # fedkd private teachers / server teacher
     teacher_hidden: List[int] = field(default_factory=lambda: [128, 128])
+    teacher_width: float = 1.0  # reference-model teachers: width multiplier
     teacher_optimizer: str = "sgd"  # fedkd private teachers (state persists per client)
     teacher_lr: float = 0.05
     server_steps: int = 50  # feddf / server_teacher_kd: distillation steps per round (feddf: the most)

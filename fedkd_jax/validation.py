@@ -164,6 +164,7 @@ def validate(cfg: Config) -> None:
         _positive(f"model.hidden[{i}]", h, integer=True)
     for i, c in enumerate(m.channels):
         _positive(f"model.channels[{i}]", c, integer=True)
+    _positive("model.width", m.width)
 
     c = cfg.client
     _choice("client.optimizer", c.optimizer, CLIENT_OPTIMIZERS)
@@ -188,6 +189,7 @@ def validate(cfg: Config) -> None:
     _choice("distill.teacher_kind", k.teacher_kind, MODELS)
     for i, h in enumerate(k.teacher_hidden):
         _positive(f"distill.teacher_hidden[{i}]", h, integer=True)
+    _positive("distill.teacher_width", k.teacher_width)
     _choice("distill.teacher_optimizer", k.teacher_optimizer, CLIENT_OPTIMIZERS)
     _positive("distill.teacher_lr", k.teacher_lr)
     _positive("distill.server_steps", k.server_steps, integer=True)
