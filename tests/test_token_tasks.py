@@ -142,3 +142,16 @@ def test_fedkd_trains_on_tokens_and_scores_teachers_per_token():
         _, _, hits, scored = np_token_stats(jax.tree.map(lambda a: a[c], teachers), fd.x[rows], fd.y[rows], ignore=(3,))
         accs.append(hits.sum() / scored.sum())
     assert out["teacher_acc_mean"] == pytest.approx(np.mean(accs), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["char_lstm", "transformer"])
+def test_reference_sequence_models_train_on_token_data(kind):
+    fd = token_data()
+    model = fk.make_model(kind, num_features=L, num_classes=V, width=1 / 32)
+    sim = fk.Simulator(fk.fedavg(model, optax.adam(0.05), optax.sgd(1.0), batch_size=2), fd, cohort_size=6,
+                       mesh=fk.client_mesh(1))
+    state, m = sim.run(sim.put_state(sim.init(0)), sim.put_data(), 4)
+    loss = np.asarray(m["train_loss"])
+    assert np.all(np.isfinite(loss)) and loss[-1] < loss[0]
+    ev = make_evaluator(model.apply, ignore=fd.accuracy_ignore)(jax.device_get(state.server.params), sim.eval_data())
+    assert 0.0 <= float(ev["test_accuracy"]) <= 1.0 and np.isfinite(float(ev["test_loss"]))

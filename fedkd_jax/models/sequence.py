@@ -67,7 +67,8 @@ class LSTM(nnx.Module):
                                           bias_init=_forget_bias_one, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+        # zeros typed like x (inside the engine's shard_map x varies over the clients axis)
+        zeros = jnp.broadcast_to(jnp.zeros_like(x[:, :1, 0]), (x.shape[0], self.hidden))
         _, hs = jax.lax.scan(lambda carry, xt: self.cell(carry, xt), (zeros, zeros), jnp.swapaxes(x, 0, 1))
         return jnp.swapaxes(hs, 0, 1)
 
