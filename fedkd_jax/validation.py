@@ -159,6 +159,9 @@ def _validate_data_source(cfg: Config) -> None:
         if d.partition in LABEL_PARTITIONS:
             raise ConfigError("data.partition", f"{d.partition!r} splits by class label, but next-token data has a "
                                                 "label per token; use natural, iid or quantity")
+        if d.proxy not in ("holdout", "npz"):
+            raise ConfigError("data.proxy", f"{d.proxy!r} is image data; a next-token task distils on token "
+                                            "sequences: use holdout (or npz with token ids x)")
     if (d.vocab_size is not None or d.seq_len is not None) and d.dataset not in ("leaf", "tff"):
         key = "data.vocab_size" if d.vocab_size is not None else "data.seq_len"
         raise ConfigError(key, f"applies to the text data of leaf and tff; {d.dataset!r} has none (leave it unset)")

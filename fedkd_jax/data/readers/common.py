@@ -63,7 +63,8 @@ class Collector:
     lists them in, so the same files always give the same ids.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
         self._x: list[np.ndarray] = []
         self._y: list[np.ndarray] = []
         self._client: list[str] = []
@@ -72,7 +73,7 @@ class Collector:
 
     def add(self, client: str, x: np.ndarray, y: np.ndarray, *, test: bool = False) -> None:
         if len(x) != len(y):
-            raise ValueError(f"client {client!r}: {len(x)} inputs but {len(y)} targets")
+            raise bad(self.path, f"client {client!r}: {len(x)} examples of features but {len(y)} labels")
         if not len(x):
             return
         self._x.append(np.asarray(x, np.float32))
@@ -89,10 +90,9 @@ class Collector:
         return sum(self._count)
 
     def dataset(self, name: str, num_classes: int, *, image_shape: tuple[int, ...] | None = None,
-                task: str = "classification", special_tokens: dict[str, int] | None = None,
-                path: str = "") -> Dataset:
+                task: str = "classification", special_tokens: dict[str, int] | None = None) -> Dataset:
         if not self._x:
-            raise bad(path, "holds no examples")
+            raise bad(self.path, "holds no examples")
         names = sorted(set(self._client))
         index = {c: i for i, c in enumerate(names)}
         counts = np.asarray(self._count, np.int64)

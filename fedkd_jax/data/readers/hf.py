@@ -231,7 +231,7 @@ def load_hf(path: str | None, *, client_column: str | None = None) -> Dataset:
     path = need_path(path, "hf", EXPECTED)
     parts = _partitions(path)
     sources = [(d, _splits(os.path.join(path, d))) for d in parts] if parts else [(None, _splits(path))]
-    c = Collector()
+    c = Collector(path)
     shape, classes, any_client = None, 0, parts is not None
     for part, splits in sources:
         for split, table in splits.items():
@@ -256,5 +256,5 @@ def load_hf(path: str | None, *, client_column: str | None = None) -> Dataset:
             else:
                 c.add("", x, y, test=split == "test")
     image_shape = None if shape is None else (tuple(shape) if len(shape) == 3 else tuple(shape) + (1,))
-    ds = c.dataset("hf", classes, image_shape=image_shape, path=path)
+    ds = c.dataset("hf", classes, image_shape=image_shape)
     return ds if any_client else ds._replace(client_ids=None, is_test=None)

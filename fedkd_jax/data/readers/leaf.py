@@ -107,7 +107,7 @@ def load_leaf(path: str | None, *, seq_len: int | None = None, vocab_size: int |
     f0, d0 = first
     x0, y0 = next((x[0], y[0]) for x, y in d0.values() if y)
     kind = _kind(f0, x0, y0)
-    c = Collector()
+    c = Collector(path)
     if kind == "shakespeare":
         if vocab_size is not None:
             raise DataError("data.vocab_size", "LEAF Shakespeare uses LEAF's fixed 80-character vocabulary; "
@@ -120,7 +120,7 @@ def load_leaf(path: str | None, *, seq_len: int | None = None, vocab_size: int |
                 if any(not isinstance(v, str) for v in x + y):
                     raise bad(f, f"user {u!r}: Shakespeare rows need string x and y")
                 c.add(u, *text.leaf_shakespeare_rows(x, y), test=is_test)
-        return c.dataset("leaf-shakespeare", text.LEAF_OOV + 1, task="next_token", path=path)
+        return c.dataset("leaf-shakespeare", text.LEAF_OOV + 1, task="next_token")
     if kind == "sent140":
         for f, _, d in parts:
             for u, (x, _) in d.items():
@@ -132,7 +132,7 @@ def load_leaf(path: str | None, *, seq_len: int | None = None, vocab_size: int |
         for f, is_test, d in parts:
             for u, (x, y) in d.items():
                 c.add(u, text.bag_of_words([r[-1] for r in x], vocab), _int_labels(f, u, y), test=is_test)
-        return c.dataset("leaf-sent140", 2, path=path)
+        return c.dataset("leaf-sent140", 2)
     width = len(x0)
     for f, is_test, d in parts:
         for u, (x, y) in d.items():
@@ -144,7 +144,7 @@ def load_leaf(path: str | None, *, seq_len: int | None = None, vocab_size: int |
                 raise bad(f, f"user {u!r}: 'x' rows must all hold {width} numbers; got shape {a.shape}")
             c.add(u, a, _int_labels(f, u, y), test=is_test)
     femnist = width == 784
-    ds = c.dataset("leaf-femnist" if femnist else "leaf", 62, image_shape=(28, 28, 1) if femnist else None, path=path)
+    ds = c.dataset("leaf-femnist" if femnist else "leaf", 62, image_shape=(28, 28, 1) if femnist else None)
     return ds if femnist else ds._replace(num_classes=int(ds.y.max()) + 1)
 
 

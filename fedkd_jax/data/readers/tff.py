@@ -97,13 +97,13 @@ def load_tff(path: str | None, *, seq_len: int | None = None, vocab_size: int | 
         raise bad(path, "holds no clients in its training split")
     features = set(next(iter(train.values())))
     splits = [(train, False)] + ([(test, True)] if test else [])
-    c = Collector()
+    c = Collector(path)
     digits = "digit" in os.path.basename(path).lower() or "digit" in source
     if "pixels" in features:  # EMNIST
         for clients, is_test in splits:
             for cid, f in clients.items():
                 c.add(cid, _numeric(path, cid, f, "pixels", 784), _labels(path, cid, f, "label"), test=is_test)
-        return c.dataset("tff-emnist", 10 if digits else 62, image_shape=(28, 28, 1), path=path)
+        return c.dataset("tff-emnist", 10 if digits else 62, image_shape=(28, 28, 1))
     if "image" in features or ("x" in features and "y" in features):  # CIFAR-100 (TFF / FedJAX names)
         xk, yk = ("image", "label") if "image" in features else ("x", "y")
         for clients, is_test in splits:
@@ -111,7 +111,7 @@ def load_tff(path: str | None, *, seq_len: int | None = None, vocab_size: int | 
                 x = _numeric(path, cid, f, xk, 32 * 32 * 3).astype(np.float32) / 255.0
                 # the test clients are not the training clients: keep them apart
                 c.add(("test/" if is_test else "") + cid, x, _labels(path, cid, f, yk), test=is_test)
-        return c.dataset("tff-cifar100", 100, image_shape=(32, 32, 3), path=path)
+        return c.dataset("tff-cifar100", 100, image_shape=(32, 32, 3))
     if "snippets" in features:  # Shakespeare
         _check_text_options("Shakespeare", vocab_size)
         L = seq_len or 80
@@ -120,7 +120,7 @@ def load_tff(path: str | None, *, seq_len: int | None = None, vocab_size: int | 
                 x, y = text.tff_char_rows(_feature(path, cid, f, "snippets"), L)
                 c.add(cid, x, y, test=is_test)
         return c.dataset("tff-shakespeare", len(text.TFF_CHARS) + 4, task="next_token",
-                         special_tokens=dict(text.TFF_CHAR_TOKENS), path=path)
+                         special_tokens=dict(text.TFF_CHAR_TOKENS))
     if "tokens" in features:  # Stack Overflow
         V, L = vocab_size or 10_000, seq_len or 20
         words = text.build_vocab((_feature(path, cid, f, "tokens") for cid, f in train.items()), V)
@@ -130,7 +130,6 @@ def load_tff(path: str | None, *, seq_len: int | None = None, vocab_size: int | 
                 x, y = text.word_rows(_feature(path, cid, f, "tokens"), vocab, L, V)
                 c.add(cid, x, y, test=is_test)
         # the id space is fixed by V even when the training clients use fewer words
-        return c.dataset("tff-stackoverflow", V + 4, task="next_token", special_tokens=text.word_tokens(V),
-                         path=path)
+        return c.dataset("tff-stackoverflow", V + 4, task="next_token", special_tokens=text.word_tokens(V))
     raise bad(path, f"{source}: features {listing(features)} match none of EMNIST (pixels, label), CIFAR-100 "
                     "(image, label), Shakespeare (snippets) or Stack Overflow (tokens)")
