@@ -414,7 +414,7 @@ def test_leaf_femnist_end_to_end_and_cli_error(tmp_path):
     res = fk.run({"algorithm": "fedavg", "data": {"dataset": "leaf", "path": root},
                   "model": {"kind": "mlp", "hidden": [16]},
                   "run": {"rounds": 2, "cohort_size": 2, "eval_every": 1, "rounds_per_dispatch": 1,
-                          "devices": 1, "checkpoint_every": 2}}, str(tmp_path / "run"))
+                          "checkpoint_every": 2, "progress": False}}, str(tmp_path / "run"))
     assert len(res.rows) == 2 and np.isfinite(res.final["test_accuracy"])
     bad = fx.leaf_file(tmp_path / "bad" / "x.json", {}, drop="user_data")
     out = subprocess.run([sys.executable, "-m", "fedkd_jax.cli", "run", "--set", "data.dataset=leaf",
@@ -422,3 +422,11 @@ def test_leaf_femnist_end_to_end_and_cli_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "lacks field 'user_data'" in out.stderr + out.stdout
+
+
+def test_readers_public_api():
+    from fedkd_jax.data import readers
+
+    for name in readers.__all__:
+        assert getattr(readers, name) is not None, name
+    assert {"leaf", "tff", "hf", "cifar10", "cifar100"} <= set(fk.data.DATASETS) and fk.data.TASKS
