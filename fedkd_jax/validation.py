@@ -144,7 +144,7 @@ def _validate_data_source(cfg: Config) -> None:
         raise ConfigError("data.path", f"dataset {d.dataset!r} needs data.path={_PATH_NEEDED[d.dataset]}")
     if d.dataset == "npz":
         check_npz("data.path", d.path)
-    elif d.path and d.dataset in ("leaf", "tff", "hf", "cifar10", "cifar100") and not os.path.exists(d.path):
+    elif d.path and d.dataset in ("leaf", "tff", "hf", "cifar10", "cifar100") and not os.path.exists(os.path.expanduser(d.path)):
         raise ConfigError("data.path", f"no such file or directory: {d.path!r}")
     if d.proxy == "npz" and d.proxy_path:
         check_npz("data.proxy_path", d.proxy_path)

@@ -40,7 +40,8 @@ def test_example_decoder_matches_protobuf_encoder():
     int_list = b"\x08" + b"\xfe\xff\xff\xff\xff\xff\xff\xff\xff\x01"
     entry = lambda key, feat: b"\x0a" + bytes([len(key)]) + key + b"\x12" + bytes([len(feat)]) + feat
     f1, f2 = b"\x12" + bytes([len(float_list)]) + float_list, b"\x1a" + bytes([len(int_list)]) + int_list
-    feats = b"\x0a" + bytes([len(entry(b"a", f1))]) + entry(b"a", f1) + b"\x0a" + bytes([len(entry(b"b", f2))]) + entry(b"b", f2)
+    ea, eb = entry(b"a", f1), entry(b"b", f2)
+    feats = b"\x0a" + bytes([len(ea)]) + ea + b"\x0a" + bytes([len(eb)]) + eb
     out = parse_example(b"\x0a" + bytes([len(feats)]) + feats)
     assert out["a"].tolist() == [1.5] and out["b"].tolist() == [-2]
     for junk in (b"\x0a\x50abc", b"\x0f", b"\x0a\x02\x0a"):
@@ -187,7 +188,8 @@ def test_tff_hdf5_shakespeare_and_cifar100_with_separate_test_clients(tmp_path):
     rng = np.random.default_rng(2)
     img = {c: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for c, n in (("0", 3), ("1", 2))}
     fx.tff_hdf5(tmp_path / "fed_cifar100_train.h5",
-                {c: {"image": v, "label": np.arange(len(v)), "coarse_label": np.zeros(len(v), int)} for c, v in img.items()})
+                {c: {"image": v, "label": np.arange(len(v)), "coarse_label": np.zeros(len(v), int)}
+                 for c, v in img.items()})
     fx.tff_hdf5(tmp_path / "fed_cifar100_test.h5", {"0": {"image": img["1"], "label": [5, 6], "coarse_label": [0, 0]}})
     ds = load_tff(str(tmp_path / "fed_cifar100_train.h5"))
     assert ds.name == "tff-cifar100" and ds.num_classes == 100 and ds.image_shape == (32, 32, 3)

@@ -78,7 +78,7 @@ def _batch(raw: bytes, where: str, label_key: str) -> tuple[np.ndarray, np.ndarr
 def _locate(name: str, path: str | None) -> str:
     spec = SPEC[name]
     tried = []
-    roots = [path] if path else [os.path.expanduser(p) for p in SEARCH]
+    roots = [os.path.expanduser(path)] if path else [os.path.expanduser(p) for p in SEARCH]
     for root in roots:
         for cand in (root, os.path.join(root, spec["folder"]), os.path.join(root, spec["archive"])):
             tried.append(cand)

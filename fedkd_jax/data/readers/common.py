@@ -38,6 +38,7 @@ def need_package(module: str, pip_name: str, fmt: str) -> Any:
 def need_path(path: str | None, dataset: str, expected: str) -> str:
     if not path:
         raise DataError(FIELD, f"dataset '{dataset}' needs data.path={expected}")
+    path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise DataError(FIELD, f"no such file or directory: {path!r} (dataset '{dataset}' expects {expected})")
     if not os.access(path, os.R_OK):

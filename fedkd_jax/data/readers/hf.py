@@ -107,7 +107,8 @@ def _splits(path: str) -> dict[str, object]:
             with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
                 splits = json.load(f)["splits"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise bad(os.path.join(path, "dataset_dict.json"), f"expected {{'splits': [...]}} ({first_line(e)})") from None
+            raise bad(os.path.join(path, "dataset_dict.json"),
+                      f"expected {{'splits': [...]}} ({first_line(e)})") from None
         if "train" not in splits:
             raise bad(path, f"DatasetDict has splits {listing(splits)}; expected a 'train' split")
         return {s: _saved(os.path.join(path, s)) for s in ("train", "test") if s in splits}
@@ -134,7 +135,8 @@ def _partitions(path: str) -> list[str] | None:
                                       for f in ("state.json", "dataset_dict.json")):
         return None
     subs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    saved = [d for d in subs if any(os.path.isfile(os.path.join(path, d, f)) for f in ("state.json", "dataset_dict.json"))]
+    marks = ("state.json", "dataset_dict.json")
+    saved = [d for d in subs if any(os.path.isfile(os.path.join(path, d, f)) for f in marks)]
     return saved or None
 
 

@@ -90,7 +90,8 @@ def _read(path: str) -> dict[str, tuple[list, list]]:
 def _kind(path: str, x0, y0) -> str:
     if isinstance(x0, str) and isinstance(y0, str):
         return "shakespeare"
-    if isinstance(x0, list) and x0 and all(isinstance(v, (int, float)) for v in x0[:5]) and isinstance(y0, (int, float)):
+    number = (int, float)
+    if isinstance(x0, list) and x0 and all(isinstance(v, number) for v in x0[:5]) and isinstance(y0, number):
         return "features"
     if isinstance(x0, list) and x0 and isinstance(x0[-1], str) and isinstance(y0, (int, float)):
         return "sent140"

@@ -40,7 +40,8 @@ def _resolve(path: str) -> str:
     data = [n for n in names if n.lower().endswith(files.SQLITE_EXT + files.HDF5_EXT)]
     train = [n for n in data if "train" in n.lower()]
     # a TFF SQLite file holds every split under one name without "train"
-    whole = [n for n in data if n.lower().endswith(files.SQLITE_EXT) and not any(w in n.lower() for w in ("train", "test", "held"))]
+    whole = [n for n in data
+             if n.lower().endswith(files.SQLITE_EXT) and not any(w in n.lower() for w in ("train", "test", "held"))]
     found = train + whole
     if len(found) != 1:
         what = "no" if not found else "several"
