@@ -11,25 +11,31 @@ from fedkd_jax.data import FederatedData, federate, load_dataset, load_proxy
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import Model, make_model
 from fedkd_jax.plan import privacy_delta, privacy_setup  # noqa: F401 - privacy_delta re-exported
+from fedkd_jax.settings import DEFAULT_NUM_CLIENTS, num_clients_value, partition_method
 
 
 def build_data(cfg: Config) -> FederatedData:
     """Load and federate the configured dataset (deterministic from ``run.seed``)."""
     d = cfg.data
+    known = partition_method(cfg)
     ds = load_dataset(
         d.dataset,
         path=d.path,
-        num_clients=d.num_clients,
+        num_clients=num_clients_value(cfg, known) or DEFAULT_NUM_CLIENTS,
         seed=cfg.run.seed,
         synthetic_alpha=d.synthetic_alpha,
         synthetic_beta=d.synthetic_beta,
         max_examples=d.max_examples,
+        task=d.task,
+        seq_len=d.seq_len,
+        vocab_size=d.vocab_size,
+        client_column=d.client_column,
     )
-    partition = d.partition
+    partition = known or partition_method(cfg, has_clients=ds.client_ids is not None)
     fd = federate(
         ds,
         partition=partition,
-        num_clients=d.num_clients,
+        num_clients=num_clients_value(cfg, partition),
         seed=cfg.run.seed,
         alpha=d.alpha,
         shards_per_client=d.shards_per_client,
@@ -38,6 +44,7 @@ def build_data(cfg: Config) -> FederatedData:
         global_test_fraction=d.global_test_fraction,
         proxy_fraction=d.proxy_fraction if d.proxy == "holdout" else 0.0,
         min_examples=d.min_examples,
+        max_examples_per_client=d.max_examples_per_client,
     )
     if d.proxy != "holdout":
         px = load_proxy(d.proxy, num_features=fd.num_features, image_shape=fd.image_shape, size=d.proxy_size,

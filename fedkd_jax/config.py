@@ -31,6 +31,8 @@ from fedkd_jax.settings import (  # noqa: F401 - re-exported: derived settings l
     group_size_value,
     max_clip_norm,
     neighbors_value,
+    num_clients_value,
+    partition_method,
     sampling_method,
     secagg_neighbors,
     secagg_threshold,
@@ -39,17 +41,20 @@ from fedkd_jax.settings import (  # noqa: F401 - re-exported: derived settings l
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits | mnist5k | synthetic | npz
-    path: Optional[str] = None  # .npz file with x, y (and optional client) for dataset=npz
-    partition: str = "dirichlet"  # iid | dirichlet (per class) | dirichlet_client (Hsu) | shards | quantity | natural
-    num_clients: int = 50
+    dataset: str = "digits"  # digits | mnist5k | synthetic | npz | leaf | tff | hf | cifar10 | cifar100
+    path: Optional[str] = None  # the file or directory read by npz, leaf, tff, hf (cifar10/100: where the batches are)
+    task: str = "classification"  # classification | next_token (token sequences: Shakespeare, Stack Overflow)
+    # auto: natural where the data carries its clients (leaf, tff; hf and npz with client ids), else dirichlet
+    partition: str = "auto"  # iid | dirichlet (per class) | dirichlet_client (Hsu) | shards | quantity | natural | auto
+    num_clients: Optional[int] = None  # N (unset: every client of a natural partition, else 50)
     alpha: float = 0.5  # Dirichlet concentration (dirichlet label skew, quantity skew)
     shards_per_client: int = 2  # shards partition: classes-ish per client
     examples_per_client: Optional[int] = None  # iid: fixed size, resampled if N*size > pool; dirichlet_client: size
     # dirichlet/dirichlet_balanced/quantity: redraw until every client has this many
     # (unset: 10 for dirichlet_balanced, NIID-Bench's min_require_size; 2 otherwise)
     min_examples: Optional[int] = None
-    test_fraction: float = 0.2  # each client's local test split
+    max_examples_per_client: Optional[int] = None  # keep at most this many training rows per client (seeded choice)
+    test_fraction: float = 0.2  # each client's local test split (not used where the file has its own test split)
     global_test_fraction: float = 0.2  # held out before partitioning (not for natural)
     proxy_fraction: float = 0.0  # unlabeled proxy rows held out for feddf / server_teacher_kd
     proxy: str = "holdout"  # holdout (proxy_fraction of the pool) | digits | mnist5k | noise | npz (out-of-domain)
@@ -58,6 +63,9 @@ class DataConfig:
     synthetic_alpha: float = 1.0  # FedProx Synthetic(alpha, beta)
     synthetic_beta: float = 1.0
     max_examples: Optional[int] = None  # synthetic: cap on a client's size
+    vocab_size: Optional[int] = None  # word vocabulary of Stack Overflow / Sent140 (unset: 10,000)
+    seq_len: Optional[int] = None  # tokens per sequence (unset: 80 Shakespeare, 20 Stack Overflow)
+    client_column: Optional[str] = None  # hf: the client column (unset: client_id, user_id, ... whichever exists)
 
 
 @dataclass
@@ -214,7 +222,9 @@ def resolve_defaults(cfg: Config) -> Config:
     s = cfg.server
     h = server_settings(s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, tau=s.tau)
     privacy = dataclasses.replace(cfg.privacy, sampling=sampling_method(cfg))
-    return dataclasses.replace(cfg, server=dataclasses.replace(s, **h), privacy=privacy)
+    # data.partition=auto stays auto only where it depends on the file (hf, npz)
+    data = dataclasses.replace(cfg.data, partition=partition_method(cfg) or cfg.data.partition)
+    return dataclasses.replace(cfg, server=dataclasses.replace(s, **h), privacy=privacy, data=data)
 
 
 def _sections() -> dict[str, list[str]]:

@@ -16,6 +16,34 @@ from fedkd_jax.errors import ConfigError
 Config = Any  # a fedkd_jax.config.Config (not imported: that module imports this one)
 
 
+DEFAULT_NUM_CLIENTS = 50
+CLIENT_FORMATS = ("leaf", "tff")  # files that always carry their clients
+MAYBE_CLIENT_FORMATS = ("hf", "npz")  # files that carry them when they hold a client column / array
+
+
+def partition_method(cfg: Config, has_clients: bool | None = None) -> str | None:
+    """Resolve ``data.partition=auto``: ``natural`` for data that carries its clients
+    (``leaf``, ``tff``; ``hf`` and ``npz`` when ``has_clients``), else ``dirichlet``
+    (the bundled data and CIFAR). ``None`` while it depends on a file not yet read."""
+    d = cfg.data
+    if d.partition != "auto":
+        return d.partition
+    if d.dataset in CLIENT_FORMATS:
+        return "natural"
+    if d.dataset in MAYBE_CLIENT_FORMATS:
+        return None if has_clients is None else ("natural" if has_clients else "dirichlet")
+    return "dirichlet"
+
+
+def num_clients_value(cfg: Config, partition: str | None) -> int | None:
+    """``data.num_clients``; unset, ``None`` (every client) for a natural partition of
+    a file and 50 otherwise (Synthetic generates that many)."""
+    n = cfg.data.num_clients
+    if n is not None:
+        return n
+    return None if partition == "natural" and cfg.data.dataset != "synthetic" else DEFAULT_NUM_CLIENTS
+
+
 def compression_method(cfg: Config) -> str:
     """Resolve ``auto``: FedKD's SVD for fedkd, no compression otherwise."""
     m = cfg.compression.method

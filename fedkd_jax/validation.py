@@ -10,6 +10,7 @@ the algorithms that use them, ...) live here too.
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Sequence
 
 from fedkd_jax.algorithms import ADAPTIVE_FORMS, ALGORITHMS, CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
@@ -22,11 +23,13 @@ from fedkd_jax.settings import (
     frac_bits_value,
     group_size_value,
     neighbors_value,
+    num_clients_value,
+    partition_method,
     sampling_method,
     secagg_neighbors,
     secagg_threshold,
 )
-from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES
+from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES, TASKS
 from fedkd_jax.engine.simulator import STRAGGLER_MODES
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
@@ -120,21 +123,61 @@ def _validate_privacy(cfg: Config) -> None:
                                                   f"secagg.neighbors=full for survivors of the whole cohort); got {t}")
 
 
+# Where each dataset's files come from (data.path), for the error when it is missing.
+_PATH_NEEDED = {
+    "npz": "FILE.npz holding arrays x and y",
+    "leaf": "a LEAF .json file, a directory of them, or a directory with train/ and test/",
+    "tff": "a TFF .sqlite file, a *_train.h5 or FedJAX *_train.sqlite file, or a directory with one",
+    "hf": "a datasets save_to_disk directory, a .parquet file or directory, or a directory of saved partitions",
+}
+TOKEN_DATASETS = ("leaf", "tff", "npz")  # the datasets that can hold next-token sequences
+LABEL_PARTITIONS = ("dirichlet", "dirichlet_balanced", "dirichlet_client", "shards")
+
+
+def _validate_data_source(cfg: Config) -> None:
+    """The dataset, its path, its task and the partition it allows."""
+    d = cfg.data
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.task", d.task, TASKS)
+    _choice("data.partition", d.partition, PARTITIONS + ("auto",))
+    if d.dataset in _PATH_NEEDED and not d.path:
+        raise ConfigError("data.path", f"dataset {d.dataset!r} needs data.path={_PATH_NEEDED[d.dataset]}")
+    if d.dataset == "npz":
+        check_npz("data.path", d.path)
+    elif d.path and d.dataset in ("leaf", "tff", "hf", "cifar10", "cifar100") and not os.path.exists(os.path.expanduser(d.path)):
+        raise ConfigError("data.path", f"no such file or directory: {d.path!r}")
+    if d.proxy == "npz" and d.proxy_path:
+        check_npz("data.proxy_path", d.proxy_path)
+    natural_ok = ("synthetic", "npz", "leaf", "tff", "hf")
+    if d.partition == "natural" and d.dataset not in natural_ok:
+        raise ConfigError("data.partition", f"'natural' needs a dataset with client ids ({', '.join(natural_ok)}); "
+                                            f"{d.dataset!r} has none")
+    if d.task == "next_token":
+        if d.dataset not in TOKEN_DATASETS:
+            raise ConfigError("data.task", f"next_token needs token sequences: leaf or tff (Shakespeare, Stack "
+                                           f"Overflow) or npz with y [n, L]; {d.dataset!r} holds class labels")
+        if d.partition in LABEL_PARTITIONS:
+            raise ConfigError("data.partition", f"{d.partition!r} splits by class label, but next-token data has a "
+                                                "label per token; use natural, iid or quantity")
+        if d.proxy not in ("holdout", "npz"):
+            raise ConfigError("data.proxy", f"{d.proxy!r} is image data; a next-token task distils on token "
+                                            "sequences: use holdout (or npz with token ids x)")
+    if (d.vocab_size is not None or d.seq_len is not None) and d.dataset not in ("leaf", "tff"):
+        key = "data.vocab_size" if d.vocab_size is not None else "data.seq_len"
+        raise ConfigError(key, f"applies to the text data of leaf and tff; {d.dataset!r} has none (leave it unset)")
+    if d.client_column is not None and d.dataset != "hf":
+        raise ConfigError("data.client_column", f"names the client column of dataset 'hf'; {d.dataset!r} has "
+                                                "none (leave it unset)")
+    _positive("data.vocab_size", d.vocab_size, integer=True, allow_none=True)
+    _positive("data.seq_len", d.seq_len, integer=True, allow_none=True)
+
+
 def validate(cfg: Config) -> None:
     """Check choices and ranges; raise :class:`ConfigError` naming the first bad field."""
     _choice("algorithm", cfg.algorithm, ALGORITHMS)
     d = cfg.data
-    _choice("data.dataset", d.dataset, DATASETS)
-    _choice("data.partition", d.partition, PARTITIONS)
-    if d.dataset == "npz" and not d.path:
-        raise ConfigError("data.path", "dataset 'npz' needs data.path=FILE.npz holding arrays x and y")
-    if d.dataset == "npz":
-        check_npz("data.path", d.path)
-    if d.proxy == "npz" and d.proxy_path:
-        check_npz("data.proxy_path", d.proxy_path)
-    if d.partition == "natural" and d.dataset not in ("synthetic", "npz"):
-        raise ConfigError("data.partition", f"'natural' needs a dataset with client ids (synthetic or npz); {d.dataset!r} has none")
-    _positive("data.num_clients", d.num_clients, integer=True)
+    _validate_data_source(cfg)
+    _positive("data.num_clients", d.num_clients, integer=True, allow_none=True)
     _positive("data.alpha", d.alpha)
     _positive("data.shards_per_client", d.shards_per_client, integer=True)
     _positive("data.examples_per_client", d.examples_per_client, integer=True, allow_none=True)
@@ -157,6 +200,7 @@ def validate(cfg: Config) -> None:
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"data.{name}", f"must be a finite number >= 0; got {v}")
     _positive("data.max_examples", d.max_examples, integer=True, allow_none=True)
+    _positive("data.max_examples_per_client", d.max_examples_per_client, integer=True, allow_none=True)
 
     m = cfg.model
     _choice("model.kind", m.kind, MODELS)
@@ -229,8 +273,10 @@ def validate(cfg: Config) -> None:
     r = cfg.run
     _positive("run.rounds", r.rounds, integer=True)
     _positive("run.cohort_size", r.cohort_size, integer=True)
-    if r.cohort_size > d.num_clients and d.partition != "natural":
-        raise ConfigError("run.cohort_size", f"must be at most data.num_clients ({d.num_clients}); got {r.cohort_size}")
+    partition = partition_method(cfg)
+    n = num_clients_value(cfg, partition)
+    if partition not in (None, "natural") and r.cohort_size > n:
+        raise ConfigError("run.cohort_size", f"must be at most data.num_clients ({n}); got {r.cohort_size}")
     _positive("run.eval_every", r.eval_every, integer=True)
     _positive("run.rounds_per_dispatch", r.rounds_per_dispatch, integer=True)
     _positive("run.checkpoint_every", r.checkpoint_every, integer=True)

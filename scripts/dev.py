@@ -5,9 +5,9 @@
     python3 scripts/dev.py test [pytest options...]     # test suite
 
 Needs only Python 3.11+. Creates (or reuses) ./.venv and installs the package
-with its test extras at the versions pinned in constraints.txt (and the
-optional homomorphic-encryption extra when it installs); reinstalls when
-pyproject.toml or constraints.txt changes.
+with its test and file-format extras at the versions pinned in constraints.txt
+(and the optional homomorphic-encryption extra when it installs); reinstalls
+when pyproject.toml or constraints.txt changes.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def ensure_env() -> None:
         subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], cwd=ROOT)
         pin = ["-c", CONSTRAINTS]
         try:  # the optional 'he' extra (TenSEAL) must never block the two commands
-            subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test,he]", *pin], cwd=ROOT)
+            subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test,formats,he]", *pin], cwd=ROOT)
         except subprocess.CalledProcessError:
             print("[setup] the optional 'he' extra did not install; continuing without it", flush=True)
-            subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test]", *pin], cwd=ROOT)
+            subprocess.check_call([PY, "-m", "pip", "install", "--quiet", "-e", ".[test,formats]", *pin], cwd=ROOT)
         with open(STAMP, "w") as f:
             f.write(_stamp())
 

@@ -115,14 +115,17 @@ def test_token_datasets_refuse_label_partitions_and_bad_ids():
 
     x = np.zeros((40, L), np.float32)
     y = np.full((40, L), 2, np.int32)
-    ds = Dataset("toks", x, y, V, None, np.repeat(np.arange(4), 10))
+    clients = np.repeat(np.arange(4), 10)
+    special = {"pad": 0, "oov": 5, "bos": 1, "eos": 6}
+    ds = Dataset("toks", x, y, V, None, clients, task="next_token", special_tokens=special)
     fd = fk.federate(ds, partition="natural", num_clients=4, seed=0)
     assert fd.num_clients == 4 and fd.y.shape == (40, L)
+    assert sorted(fd.accuracy_ignore) == [5, 6]  # next-word accuracy leaves out OOV and EOS (Reddi et al. 2021)
     with pytest.raises(DataError, match="data.partition.*next-token"):
         fk.federate(ds, partition="dirichlet", num_clients=4, seed=0)
     y[7, 3] = V  # out of the vocabulary
-    with pytest.raises(DataError, match="row 7, position 3 has label 7"):
-        fk.federate(Dataset("toks", x, y, V, None, np.repeat(np.arange(4), 10)), partition="natural", num_clients=4, seed=0)
+    with pytest.raises(DataError, match="row 7 has 7"):
+        fk.federate(ds._replace(y=y), partition="natural", num_clients=4, seed=0)
 
 
 def test_fedkd_trains_on_tokens_and_scores_teachers_per_token():

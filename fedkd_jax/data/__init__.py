@@ -2,6 +2,7 @@
 
 from fedkd_jax.data.datasets import (
     DATASETS,
+    TASKS,
     Dataset,
     load_digits,
     load_mnist5k,
@@ -27,6 +28,7 @@ __all__ = [
     "DATASETS",
     "PARTITIONS",
     "PROXY_SOURCES",
+    "TASKS",
     "Dataset",
     "FederatedData",
     "default_min_examples",

@@ -1,9 +1,14 @@
 """Datasets that need no network: bundled real data, a recipe, or a user file.
 
 All loaders return a :class:`Dataset` of flat float32 features ``x [n, D]`` and
-int32 labels ``y [n]``. Images keep their shape in ``image_shape`` so a CNN can
-restore it. ``client_ids`` is set only for data with a natural per-client
-partition (FedProx Synthetic, or a user ``.npz`` that carries ``client``).
+int32 labels ``y [n]`` (``task="classification"``), or, for next-token tasks,
+token ids ``x [n, L]`` (float32, exact integers) with targets ``y [n, L]``
+int32 whose negative entries mark padding to ignore (``task="next_token"``).
+Images keep their shape in ``image_shape`` so a CNN can restore it.
+``client_ids`` is set only for data with a natural per-client partition
+(FedProx Synthetic, a user ``.npz`` that carries ``client``, and the file
+formats of :mod:`fedkd_jax.data.readers`); ``is_test`` only where the file
+itself says which rows are test rows (LEAF's ``test/``, TFF's test split).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import numpy as np
 from fedkd_jax.errors import DataError
 from fedkd_jax.paths import check_npz
 
-DATASETS = ("digits", "mnist5k", "synthetic", "npz")
+DATASETS = ("digits", "mnist5k", "synthetic", "npz", "leaf", "tff", "hf", "cifar10", "cifar100")
+TASKS = ("classification", "next_token")
 
 
 class Dataset(NamedTuple):
@@ -28,7 +34,10 @@ class Dataset(NamedTuple):
     y: np.ndarray  # [n] int32
     num_classes: int
     image_shape: tuple[int, ...] | None = None  # e.g. (8, 8, 1) for digits
-    client_ids: np.ndarray | None = None  # [n] int, natural partition only
+    client_ids: np.ndarray | None = None  # [n] int, natural partition only (-1: a test row of no training client)
+    task: str = "classification"  # or "next_token": x [n, L] token ids, y [n, L] targets (< 0: padding)
+    is_test: np.ndarray | None = None  # [n] bool: the file's own test rows (natural partition only)
+    special_tokens: dict[str, int] | None = None  # token tasks: e.g. {"pad": 0, "oov": .., "bos": .., "eos": ..}
 
 
 def _digits_file() -> str | None:
@@ -72,10 +81,12 @@ def load_mnist5k() -> Dataset:
     return Dataset("mnist5k", x, a[:, -1].astype(np.int32), 10, (28, 28, 1))
 
 
-def load_npz(path: str, *, num_classes: int | None = None) -> Dataset:
-    """A user's ``.npz`` with arrays ``x [n, ...]`` and ``y [n]`` (and optional ``client``).
+def load_npz(path: str, *, num_classes: int | None = None, task: str = "classification") -> Dataset:
+    """A user's ``.npz`` with arrays ``x [n, ...]`` and ``y [n]`` (and optional ``client [n]``).
 
     Features are flattened to ``[n, D]``; a 4-D ``x`` keeps its image shape.
+    With ``task="next_token"``: ``x [n, L]`` token ids and ``y [n, L]`` targets
+    (negative = padding); ``num_classes`` defaults to the largest id + 1.
     """
     if not path:
         raise DataError("data.path", "dataset 'npz' needs data.path=FILE.npz holding arrays x and y")
@@ -93,6 +104,14 @@ def load_npz(path: str, *, num_classes: int | None = None) -> Dataset:
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError("data.path", f"{path!r} could not be read as a .npz archive "
                                      f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if task == "next_token":
+        if x.ndim != 2 or y.shape != x.shape:
+            raise DataError("data.x", f"data.task=next_token expects x [n, L] token ids and y [n, L] targets in "
+                                      f"{path!r}; got x {x.shape}, y {y.shape}")
+        k = int(num_classes) if num_classes else int(max(x.max(initial=0), y.max(initial=0))) + 1
+        if client is not None and client.shape != y.shape[:1]:
+            raise DataError("data.client", f"client ids must have shape {y.shape[:1]}; got {client.shape}")
+        return Dataset("npz", x.astype(np.float32), y.astype(np.int32), k, None, client, task="next_token")
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise DataError("data.x", f"expected x [n, ...] and y [n]; got x {x.shape}, y {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
@@ -154,18 +173,29 @@ def synthetic(
 
 
 def validate_dataset(ds: Dataset) -> None:
-    """Reject features that are not finite and labels outside ``[0, num_classes)``."""
+    """Reject features that are not finite and labels outside ``[0, num_classes)``
+    (next-token targets may also be negative: padding)."""
     if ds.num_classes < 2:
         raise DataError("data.num_classes", f"need at least 2 classes; got {ds.num_classes}")
     finite = np.isfinite(ds.x)
     if not finite.all():
-        row = int(np.argmin(finite.all(axis=1)))
+        row = int(np.argmin(finite.reshape(len(finite), -1).all(axis=1)))
         raise DataError("data.x", f"features must be finite; row {row} holds NaN or inf")
+    if ds.task == "next_token":
+        bad_x = (ds.x < 0) | (ds.x >= ds.num_classes) | (ds.x != np.round(ds.x))
+        if bad_x.any():
+            i = int(np.argmax(bad_x.reshape(len(bad_x), -1).any(axis=1)))
+            raise DataError("data.x", f"token ids must be integers in [0, {ds.num_classes}); row {i} is not")
+        bad = (ds.y >= ds.num_classes).reshape(len(ds.y), -1).any(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError("data.y", f"next-token targets must lie below {ds.num_classes} (negative: padding); "
+                                      f"row {i} has {int(ds.y[i].max())}")
+        return
     y = np.asarray(ds.y)
-    tokens = y.ndim > 1  # next-token targets [n, L]: -1 marks padding
-    bad = (y < (-1 if tokens else 0)) | (y >= ds.num_classes)
+    if y.ndim > 1:
+        raise DataError("data.task", f"labels of shape {y.shape} are a label per token: set data.task=next_token")
+    bad = (y < 0) | (y >= ds.num_classes)
     if bad.any():
-        at = np.unravel_index(int(np.argmax(bad)), y.shape)
-        where = f"row {at[0]}" + (f", position {at[1]}" if tokens else "")
-        allowed = f"[0, {ds.num_classes})" + (" or -1 (padding)" if tokens else "")
-        raise DataError("data.y", f"labels must lie in {allowed}; {where} has label {int(y[at])}")
+        i = int(np.argmax(bad))
+        raise DataError("data.y", f"labels must lie in [0, {ds.num_classes}); row {i} has label {int(y[i])}")

@@ -54,6 +54,8 @@ class FederatedData:
     num_classes: int = 10
     image_shape: tuple[int, ...] | None = None
     name: str = ""
+    task: str = "classification"  # or "next_token": x [R, L] token ids, y [R, L] targets (< 0: padding)
+    special_tokens: dict[str, int] | None = None  # token tasks: ids of pad / oov / bos / eos where the data has them
     accuracy_ignore: tuple[int, ...] = ()  # token tasks: label ids left out of accuracy (e.g. OOV, EOS)
 
     def replace(self, **changes) -> "FederatedData":
@@ -147,11 +149,43 @@ def split_train_test(part: Partition, test_fraction: float, rng: np.random.Gener
     return sub(~is_test, sizes - k), sub(is_test, k)
 
 
+LABEL_PARTITIONS = ("dirichlet", "dirichlet_balanced", "dirichlet_client", "shards")
+
+
+def _natural_with_split(dataset: ds_lib.Dataset, rng: np.random.Generator, num_clients: int | None,
+                        ) -> tuple[Partition, Partition, np.ndarray]:
+    """The file's own split: clients are the ids holding training rows; each client's
+    local test split is its rows of the file's test split (maybe none); the global test
+    set is every test row (also those of test-only clients, id -1)."""
+    ids = np.asarray(dataset.client_ids).astype(np.int64)
+    is_test = np.asarray(dataset.is_test, bool)
+    train_idx = np.flatnonzero(~is_test)
+    test_idx = np.flatnonzero(is_test)
+    if not len(train_idx):
+        raise DataError("data.path", f"{dataset.name!r}: the file's training split holds no rows")
+    clients, inverse = np.unique(ids[train_idx], return_inverse=True)
+    if num_clients and num_clients < len(clients):
+        chosen = np.sort(rng.choice(len(clients), num_clients, replace=False))
+        keep = np.isin(inverse, chosen)
+        train_idx, inverse = train_idx[keep], np.searchsorted(chosen, inverse[keep])
+        clients = clients[chosen]
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=len(clients))
+    train = Partition(train_idx[order], np.concatenate([[0], np.cumsum(counts)]))
+    pos = np.searchsorted(clients, ids[test_idx])
+    owned = (pos < len(clients)) & (clients[np.minimum(pos, len(clients) - 1)] == ids[test_idx])
+    t_rows, t_client = test_idx[owned], pos[owned]
+    order = np.lexsort((t_rows, t_client))
+    t_counts = np.bincount(t_client, minlength=len(clients))
+    test = Partition(t_rows[order], np.concatenate([[0], np.cumsum(t_counts)]))
+    return train, test, test_idx
+
+
 def federate(
     dataset: ds_lib.Dataset,
     *,
     partition: str,
-    num_clients: int,
+    num_clients: int | None,
     seed: int,
     alpha: float = 0.5,
     shards_per_client: int = 2,
@@ -160,6 +194,7 @@ def federate(
     global_test_fraction: float = 0.2,
     proxy_fraction: float = 0.0,
     min_examples: int | None = None,
+    max_examples_per_client: int | None = None,
 ) -> FederatedData:
     """Split ``dataset`` over clients into an index-based :class:`FederatedData`.
 
@@ -170,22 +205,32 @@ def federate(
     into local train and test (``test_fraction``, keeping at least one train row).
     ``min_examples`` (``dirichlet``, ``dirichlet_balanced``, ``quantity``):
     unset, the partition's default (:func:`~fedkd_jax.data.partition.default_min_examples`).
+
+    The natural partition keeps the data's own clients: ``num_clients`` unset
+    (``None`` or 0) keeps all of them, a smaller number a seeded choice of that
+    many. Where the file carries its own test split (``dataset.is_test``), each
+    client's local test rows are its rows of that split and the global test set
+    is the whole split (``test_fraction`` is not used). ``max_examples_per_client``
+    then keeps at most that many training rows of each client (a seeded choice).
     """
     ds_lib.validate_dataset(dataset)
     if partition not in part_lib.PARTITIONS:
         raise DataError("data.partition", f"unknown partition {partition!r}; allowed: {', '.join(part_lib.PARTITIONS)}")
-    if np.ndim(dataset.y) > 1 and partition not in ("natural", "iid", "quantity"):
-        raise DataError("data.partition", f"{partition!r} splits by label, and {dataset.name!r} is a next-token task "
-                                          "(a label per token); use natural, iid or quantity")
+    if dataset.task == "next_token" and partition in LABEL_PARTITIONS:
+        raise DataError("data.partition", f"{partition!r} splits by class label, but next-token data has a label per "
+                                          "token, not per row; use natural, iid or quantity")
     rng = np.random.default_rng(seed)
     n = len(dataset.y)
     natural = partition == "natural"
+    own_split = natural and dataset.is_test is not None
     if natural:
         if dataset.client_ids is None:
             raise DataError("data.partition", f"dataset {dataset.name!r} has no natural partition; use iid, dirichlet, shards or quantity")
         pool = np.arange(n)
         g_idx = np.zeros(0, np.int64)
     else:
+        if num_clients is None:
+            raise DataError("data.num_clients", f"partition {partition!r} needs a number of clients")
         n_global = int(round(global_test_fraction * n))
         perm = rng.permutation(n)
         g_idx, pool = np.sort(perm[:n_global]), perm[n_global:]
@@ -202,35 +247,47 @@ def federate(
                 "data.num_clients",
                 f"{num_clients} clients but only {len(pool)} training examples; use at most {len(pool)} clients",
             )
-    y_pool = dataset.y[pool]
     if min_examples is None:
         min_examples = part_lib.default_min_examples(partition)
-    if partition == "iid":
-        parts = part_lib.iid(len(pool), num_clients, rng, examples_per_client=examples_per_client)
-    elif partition == "dirichlet":
-        parts = part_lib.dirichlet(y_pool, num_clients, alpha, rng, min_examples=min_examples)
-    elif partition == "dirichlet_balanced":
-        parts = part_lib.dirichlet_balanced(y_pool, num_clients, alpha, rng, min_examples=min_examples)
-    elif partition == "dirichlet_client":
-        parts = part_lib.dirichlet_client(y_pool, num_clients, alpha, rng, examples_per_client=examples_per_client)
-    elif partition == "shards":
-        parts = part_lib.shards(y_pool, num_clients, shards_per_client, rng)
-    elif partition == "quantity":
-        parts = part_lib.quantity(len(pool), num_clients, alpha, rng, min_examples=min_examples)
+    y_pool = dataset.y[pool] if partition in LABEL_PARTITIONS else None
+    if own_split:
+        train, test, g_idx = _natural_with_split(dataset, rng, num_clients)
     else:
-        parts = part_lib.natural(dataset.client_ids)
-        if num_clients and num_clients != len(parts):
-            raise DataError(
-                "data.num_clients",
-                f"the natural partition of {dataset.name!r} has {len(parts)} clients; got {num_clients}",
-            )
-    parts = parts.map_rows(pool)
-    empty = np.flatnonzero(parts.sizes == 0)
-    if len(empty):
-        raise DataError("data.partition", f"client {int(empty[0])} has no examples")
-    train, test = split_train_test(parts, test_fraction, rng)
-    if natural:
-        g_idx = np.sort(test.rows) if len(test.rows) else g_idx
+        if partition == "iid":
+            parts = part_lib.iid(len(pool), num_clients, rng, examples_per_client=examples_per_client)
+        elif partition == "dirichlet":
+            parts = part_lib.dirichlet(y_pool, num_clients, alpha, rng, min_examples=min_examples)
+        elif partition == "dirichlet_balanced":
+            parts = part_lib.dirichlet_balanced(y_pool, num_clients, alpha, rng, min_examples=min_examples)
+        elif partition == "dirichlet_client":
+            parts = part_lib.dirichlet_client(y_pool, num_clients, alpha, rng, examples_per_client=examples_per_client)
+        elif partition == "shards":
+            parts = part_lib.shards(y_pool, num_clients, shards_per_client, rng)
+        elif partition == "quantity":
+            parts = part_lib.quantity(len(pool), num_clients, alpha, rng, min_examples=min_examples)
+        else:
+            parts = part_lib.natural(dataset.client_ids)
+            if num_clients and num_clients > len(parts):
+                raise DataError(
+                    "data.num_clients",
+                    f"the natural partition of {dataset.name!r} has {len(parts)} clients; got {num_clients} "
+                    "(unset it to keep them all, or choose fewer)",
+                )
+            if num_clients and num_clients < len(parts):
+                chosen = np.sort(rng.choice(len(parts), num_clients, replace=False))
+                parts = part_lib.Partition.from_lists([parts[int(i)] for i in chosen])
+        parts = parts.map_rows(pool)
+        empty = np.flatnonzero(parts.sizes == 0)
+        if len(empty):
+            raise DataError("data.partition", f"client {int(empty[0])} has no examples")
+        train, test = split_train_test(parts, test_fraction, rng)
+        if natural:
+            g_idx = np.sort(test.rows) if len(test.rows) else g_idx
+    if own_split and num_clients and num_clients > len(train):
+        raise DataError("data.num_clients", f"the natural partition of {dataset.name!r} has {len(train)} "
+                                            f"clients; got {num_clients} (unset it to keep them all, or choose fewer)")
+    if max_examples_per_client is not None:
+        train = part_lib.cap(train, int(max_examples_per_client), rng)
     x = np.asarray(dataset.x, np.float32)
     y = np.asarray(dataset.y, np.int32)
     idx_dtype = np.int32 if len(x) < 2**31 else np.int64
@@ -248,18 +305,41 @@ def federate(
         num_classes=dataset.num_classes,
         image_shape=dataset.image_shape,
         name=dataset.name,
-        accuracy_ignore=tuple(getattr(dataset, "accuracy_ignore", ()) or ()),
+        task=dataset.task,
+        special_tokens=dataset.special_tokens,
+        accuracy_ignore=tuple(v for k, v in (dataset.special_tokens or {}).items() if k in ("oov", "eos"))
+        if dataset.task == "next_token" else (),
     )
 
 
-def load_dataset(name: str, *, path: str | None = None, num_clients: int = 0, seed: int = 0,
+def load_dataset(name: str, *, path: str | None = None, num_clients: int = 50, seed: int = 0,
                  synthetic_alpha: float = 1.0, synthetic_beta: float = 1.0,
-                 max_examples: int | None = None) -> ds_lib.Dataset:
-    """Load a dataset by name from :data:`DATASET_LOADERS`."""
+                 max_examples: int | None = None, task: str = "classification", seq_len: int | None = None,
+                 vocab_size: int | None = None, client_column: str | None = None) -> ds_lib.Dataset:
+    """Load a dataset by name from :data:`DATASET_LOADERS`.
+
+    Raises:
+      DataError: the data cannot be read, or it is for another ``task`` than the
+        one asked for (e.g. Shakespeare is ``next_token`` data).
+    """
     if name not in DATASET_LOADERS:
         raise DataError("data.dataset", f"unknown dataset {name!r}; allowed: {', '.join(ds_lib.DATASETS)}")
-    return DATASET_LOADERS[name](path=path, num_clients=num_clients, seed=seed, synthetic_alpha=synthetic_alpha,
-                                 synthetic_beta=synthetic_beta, max_examples=max_examples)
+    if task not in ds_lib.TASKS:
+        raise DataError("data.task", f"unknown task {task!r}; allowed: {', '.join(ds_lib.TASKS)}")
+    ds = DATASET_LOADERS[name](path=path, num_clients=num_clients, seed=seed, synthetic_alpha=synthetic_alpha,
+                               synthetic_beta=synthetic_beta, max_examples=max_examples, task=task, seq_len=seq_len,
+                               vocab_size=vocab_size, client_column=client_column)
+    if ds.task != task:
+        what = {"next_token": "next-token sequences (x [n, L] token ids, y [n, L] targets)",
+                "classification": "one class label per row"}[ds.task]
+        raise DataError("data.task", f"{ds.name!r} holds {what}; set data.task={ds.task} (got {task})")
+    return ds
+
+
+def _readers():
+    from fedkd_jax.data import readers  # imported on first use: most runs read no files
+
+    return readers
 
 
 # The dataset registry: a new dataset is its loader plus one line here (and its name in DATASETS).
@@ -268,5 +348,11 @@ DATASET_LOADERS = {
     "mnist5k": lambda **kw: ds_lib.load_mnist5k(),
     "synthetic": lambda *, synthetic_alpha, synthetic_beta, num_clients, seed, max_examples, **kw: ds_lib.synthetic(
         synthetic_alpha, synthetic_beta, num_clients, seed=seed, max_examples=max_examples),
-    "npz": lambda *, path, **kw: ds_lib.load_npz(path or ""),
+    "npz": lambda *, path, task, **kw: ds_lib.load_npz(path or "", task=task),
+    "leaf": lambda *, path, seq_len, vocab_size, **kw: _readers().load_leaf(path, seq_len=seq_len,
+                                                                            vocab_size=vocab_size),
+    "tff": lambda *, path, seq_len, vocab_size, **kw: _readers().load_tff(path, seq_len=seq_len, vocab_size=vocab_size),
+    "hf": lambda *, path, client_column, **kw: _readers().load_hf(path, client_column=client_column),
+    "cifar10": lambda *, path, **kw: _readers().load_cifar("cifar10", path),
+    "cifar100": lambda *, path, **kw: _readers().load_cifar("cifar100", path),
 }

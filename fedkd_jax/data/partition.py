@@ -311,3 +311,21 @@ def natural(client_ids: np.ndarray) -> Partition:
         raise DataError("data.client", f"client {empty} has no examples (ids must be 0..{k - 1})")
     order = np.argsort(ids, kind="stable")
     return Partition(order, np.concatenate([[0], np.cumsum(counts)]))
+
+
+def cap(part: Partition, max_size: int, rng: np.random.Generator) -> Partition:
+    """Keep at most ``max_size`` rows of each client: a seeded random choice within
+    each larger client (the per-client caps of the papers, e.g. Reddi et al. 2021);
+    smaller clients keep every row. Rows stay sorted within a client."""
+    sizes = part.sizes
+    if max_size <= 0 or not (sizes > max_size).any():
+        return part
+    n = len(sizes)
+    seg = np.repeat(np.arange(n), sizes)
+    order = np.lexsort((rng.random(len(part.rows)), seg))  # a random order within each client
+    pos = np.arange(len(order)) - np.repeat(part.offsets[:-1], sizes)
+    keep = order[pos < max_size]
+    rows, s = part.rows[keep], seg[keep]
+    o = np.lexsort((rows, s))
+    new_sizes = np.minimum(sizes, max_size)
+    return Partition(rows[o], np.concatenate([[0], np.cumsum(new_sizes)]))
