@@ -196,3 +196,18 @@ def test_mnist5k_matches_mlxtends_loader():
     np.testing.assert_array_equal(ds.x, (x / 255.0).astype(np.float32))
     np.testing.assert_array_equal(ds.y, y)
     assert ds.x.shape == (5000, 784) and ds.y.dtype == np.int32 and ds.image_shape == (28, 28, 1)
+
+
+def test_distinct_rows_near_the_pool_size_is_quick_and_uniform():
+    """k close to n (rejection would almost never accept a row): still distinct, in range,
+    every value about equally often; k = n gives each client the whole pool."""
+    from fedkd_jax.data.partition import distinct_rows
+
+    rng = np.random.default_rng(0)
+    full = distinct_rows(rng, 50, 200, 50)  # the rejection loop alone never finished here
+    rows = distinct_rows(rng, 60, 3000, 30)
+    assert (full == np.arange(50)).all()
+    assert rows.shape == (3000, 30) and rows.min() >= 0 and rows.max() < 60
+    assert (np.diff(rows, axis=1) > 0).all()  # sorted and distinct
+    freq = np.bincount(rows.ravel(), minlength=60) / 3000  # each value: k/n = 0.5 of rows
+    assert np.abs(freq - 0.5).max() < 0.05

@@ -78,8 +78,16 @@ def distinct_rows(rng: np.random.Generator, n: int, num_clients: int, k: int) ->
     Vectorised rejection: draw every row with replacement and redraw the rows
     holding a repeat. Accepting only repeat-free rows makes each row exactly a
     uniform sample without replacement; for ``k << n`` few rows are redrawn.
+    When ``k`` is close to ``n`` a row is almost never repeat-free (the chance
+    is about ``exp(-k^2 / 2n)``), so there each row takes the ``k`` smallest of
+    ``n`` uniform keys instead (in blocks of rows, bounded memory).
     """
     dtype = np.int32 if n < 2**31 else np.int64
+    if k * k > 8 * n:  # rejection would accept under 2% of rows
+        block = max(1, (1 << 24) // max(n, 1))
+        parts = [np.argpartition(rng.random((min(block, num_clients - i), n)), k - 1, axis=1)[:, :k]
+                 for i in range(0, num_clients, block)]
+        return np.sort(np.concatenate(parts), axis=1).astype(dtype, copy=False)
     out = np.sort(rng.integers(0, n, (num_clients, k), dtype=dtype), axis=1)
     bad = np.flatnonzero((np.diff(out, axis=1) == 0).any(axis=1)) if k > 1 else np.zeros(0, np.int64)
     while len(bad):
