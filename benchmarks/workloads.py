@@ -13,7 +13,8 @@
 The images are synthetic (uniform pixels, random labels) of the real shapes
 and population sizes: a round's cost does not depend on the pixel values,
 and the real files are not on this machine. Each setting runs in its own process and reports
-seconds per round (median after one compile round), peak RSS, and the
+seconds per round (median after one compile round), peak RSS (with the
+pool on every device and with ``data.pool=host``), and the
 padding waste the dynamic local loop avoids (the share of steps a round
 padded to the largest client would have run empty). JSON last, saved to
 benchmarks/results/workloads.json.
@@ -61,7 +62,7 @@ def population(part: str):
     return fk.federate(ds, partition="natural", num_clients=len(sizes), seed=0, test_fraction=0.0)
 
 
-def child(part: str, cohort: int, rounds: int) -> dict:
+def child(part: str, cohort: int, rounds: int, pool: str = "device") -> dict:
     import fedkd_jax as fk
 
     fk.configure_cpu_devices()
@@ -79,7 +80,8 @@ def child(part: str, cohort: int, rounds: int) -> dict:
         # pfl-research's simple_cnn is the same network as femnist_cnn_dropout (1,626,442 parameters)
         model = fk.make_model("femnist_cnn_dropout", num_features=3072, num_classes=10, image_shape=(32, 32, 3))
         batch, lr = 10, 0.1
-    sim = fk.Simulator(fk.fedavg(model, optax.sgd(lr), optax.sgd(1.0), batch_size=batch), fd, cohort_size=cohort)
+    sim = fk.Simulator(fk.fedavg(model, optax.sgd(lr), optax.sgd(1.0), batch_size=batch), fd, cohort_size=cohort,
+                       pool=pool)
     data = sim.put_data()
     state = sim.put_state(sim.init(0))
     setup = time.perf_counter() - t0
@@ -94,7 +96,7 @@ def child(part: str, cohort: int, rounds: int) -> dict:
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t)
     steps = np.ceil(fd.counts / batch)
-    return {"part": part, "clients": fd.num_clients, "cohort": cohort, "rows": int(len(fd.x)),
+    return {"part": part, "pool": pool, "clients": fd.num_clients, "cohort": cohort, "rows": int(len(fd.x)),
             "sizes": {"min": int(fd.counts.min()), "mean": float(fd.counts.mean()), "max": int(fd.counts.max())},
             "params": model.num_params, "s_per_round": float(np.median(times)), "first_round_s": first,
             "setup_s": setup, "padding_waste_avoided": float(1 - steps.mean() / steps.max()),
@@ -107,16 +109,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parts", default="femnist,cifar10")
     ap.add_argument("--child", nargs=2, metavar=("PART", "COHORT"))
+    ap.add_argument("--pool", default="device,host", help="pools to measure (data.pool): device, host")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.rounds, args.pool)))
         return
     settings = {"femnist": (10, 100), "cifar10": (50,)}
     results = []
     for part in args.parts.split(","):
-        for c in settings[part]:
+        for c, pool in ((c, pool) for c in settings[part] for pool in args.pool.split(",")):
             p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", part, str(c),
-                                "--rounds", str(args.rounds)], capture_output=True, text=True, timeout=3600)
+                                "--rounds", str(args.rounds), "--pool", pool], capture_output=True, text=True,
+                               timeout=3600)
             r = (json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else
                  {"part": part, "cohort": c, "error": (p.stderr.strip().splitlines() or [str(p.returncode)])[-1]})
             results.append(r)

@@ -180,6 +180,7 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
     from fedkd_jax.config import devices_value, group_size_value
     from fedkd_jax.engine import Simulator, client_mesh
     from fedkd_jax.engine.cohort import poisson_capacity
+    from fedkd_jax.engine.pool import choose_pool
     from fedkd_jax.store import choose_store, state_bytes
 
     r = cfg.run
@@ -196,11 +197,13 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
     if jax.process_count() > 1:  # every process keeps its own copy of the store
         store_dir = os.path.join(store_dir, f"process-{jax.process_index()}")
     capacity = poisson_capacity(data.num_clients, r.cohort_size) if cfg.privacy.sampling == "poisson" else r.cohort_size
+    pool = choose_pool(cfg.data.pool, pool_bytes=int(data.x.nbytes + data.y.nbytes), num_devices=devices,
+                       budget_gb=r.memory_budget_gb)
     return Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=mesh, group_size=group,
                      aggregator=build_aggregator(cfg, data, capacity), downlink=build_compressor(cfg, downlink=True),
                      straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode,
                      sampling=cfg.privacy.sampling, store=store, store_dir=store_dir, max_examples=max_examples,
-                     build=build)
+                     build=build, pool=pool)
 
 
 def build_aggregator(cfg: Config, data: FederatedData, capacity: int):

@@ -66,6 +66,7 @@ class DataConfig:
     vocab_size: Optional[int] = None  # word vocabulary of Stack Overflow / Sent140 (unset: 10,000)
     seq_len: Optional[int] = None  # tokens per sequence (unset: 80 Shakespeare, 20 Stack Overflow)
     client_column: Optional[str] = None  # hf: the client column (unset: client_id, user_id, ... whichever exists)
+    pool: str = "auto"  # pooled examples: device (replicated) | host (placed per dispatch) | auto (by the memory budget)
 
 
 @dataclass

@@ -139,6 +139,7 @@ def _validate_data_source(cfg: Config) -> None:
     d = cfg.data
     _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.task", d.task, TASKS)
+    _choice("data.pool", d.pool, ("auto", "device", "host"))
     _choice("data.partition", d.partition, PARTITIONS + ("auto",))
     if d.dataset in _PATH_NEEDED and not d.path:
         raise ConfigError("data.path", f"dataset {d.dataset!r} needs data.path={_PATH_NEEDED[d.dataset]}")

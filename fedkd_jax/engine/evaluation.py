@@ -49,10 +49,18 @@ def eval_clients(num_clients: int, max_clients: int | None, seed: int) -> np.nda
 
 
 def make_eval_data(data: FederatedData, pool, sharding, *, ids: np.ndarray | None = None) -> EvalData:
-    """Place what evaluation needs; ``pool`` is the simulator's ``PoolData``."""
+    """Place what evaluation needs; ``pool`` is the simulator's ``PoolData``, or a
+    ``HostPool`` (then only the evaluated clients' test rows are placed)."""
+    from fedkd_jax.engine.pool import HostPool, compact_rows
+    from fedkd_jax.engine.state import PoolData
+
     ids = np.arange(data.num_clients) if ids is None else np.asarray(ids)
     rows = data.row_table(ids, test=True)
     counts = data.test_counts[ids]
+    if isinstance(pool, HostPool):
+        used, rows = compact_rows(rows, counts, capacity=max(1, rows.size))
+        pool = put_replicated(PoolData(np.asarray(pool.x[used], np.float32), np.asarray(pool.y[used], np.int32)),
+                              sharding)
     host = (np.asarray(data.global_x, np.float32), np.asarray(data.global_y, np.int32))
     g = put_replicated(host, sharding)
     t = put_replicated((rows, counts.astype(np.int32)), sharding)

@@ -60,6 +60,7 @@ from fedkd_jax.engine.cohort import (
 )
 from fedkd_jax.engine.mesh import CLIENTS, client_mesh
 from fedkd_jax.engine.placement import put_replicated, put_sharded
+from fedkd_jax.engine.pool import HostPool, compact_rows
 from fedkd_jax.engine.state import (  # noqa: F401 - re-exported
     _AGGREGATE,
     _COMPRESS,
@@ -147,8 +148,12 @@ class Simulator:
         store_dir: str | None = None,
         max_examples: int | None = None,
         build: Callable[[Any], tuple] | None = None,
+        pool: str = "device",
     ):
         n = data.num_clients
+        if pool not in ("device", "host"):
+            raise ConfigError("data.pool", f"must be device or host (auto is resolved by the builder); got {pool!r}")
+        self.pool_kind = pool
         if not 1 <= cohort_size <= n:
             raise ConfigError("run.cohort_size", f"must be in [1, {n}] (the population size); got {cohort_size}")
         if group_size < 1:
@@ -227,10 +232,23 @@ class Simulator:
         """The initial states ``[len(ids), ...]`` of clients ``ids`` of the run keyed ``key``."""
         return jax.vmap(lambda i: self.algorithm.init_client(client_init_key(key, i)))(ids)
 
-    def put_data(self, data: FederatedData | None = None) -> PoolData:
-        """Place the pooled rows on the mesh, replicated (each device gathers its clients' rows)."""
+    def put_data(self, data: FederatedData | None = None) -> PoolData | HostPool:
+        """Place the pooled rows on the mesh, replicated (each device gathers its clients' rows);
+        with ``pool="host"`` they stay on the host and each dispatch places what it reads
+        (:mod:`fedkd_jax.engine.pool`)."""
         data = self.data if data is None else data
+        if self.pool_kind == "host":
+            return HostPool(data.x, data.y)
         return put_replicated(PoolData(data.x, data.y), self._replicated)
+
+    def _placed(self, pool: PoolData | HostPool, plan: Plan) -> tuple[PoolData, Plan]:
+        """A host pool's rows that ``plan`` reads, placed, and the plan's rows pointing into them."""
+        if not isinstance(pool, HostPool):
+            return pool, plan
+        used, rows = compact_rows(plan.rows, plan.counts, capacity=int(np.prod(plan.rows.shape)))
+        placed = put_replicated(PoolData(np.asarray(pool.x[used], np.float32), np.asarray(pool.y[used], np.int32)),
+                                self._replicated)
+        return placed, plan._replace(rows=rows)
 
     def put_state(self, state: SimState) -> SimState:
         return put_replicated(state, self._replicated)
@@ -490,6 +508,7 @@ class Simulator:
             self.store.bind(key_bits(state.key), plan.start)
         union = self.gather(plan, state.key) if gathered is None else gathered
         state = state.replace(agg=refresh_noise_seed(state.agg))  # privacy.secure_noise: fresh OS entropy
+        pool, plan = self._placed(pool, plan)
         state, union, metrics = jax.block_until_ready(self._program(r, state, pool, *self._args(plan, union)))
         if self.stateful:
             self.store.scatter(plan.union, union)
@@ -551,6 +570,7 @@ class Simulator:
     def lower(self, state: SimState, pool: PoolData, num_rounds: int = 1):
         """The lowered dispatch program (for inspecting HLO or compile time)."""
         plan = self.plan(state.key, 0, num_rounds)
+        pool, plan = self._placed(pool, plan)
         union = jax.tree.map(lambda t: jax.ShapeDtypeStruct((len(plan.union),) + t.shape, t.dtype, sharding=self._replicated),
                              self.client_template)
         return self._program.lower(num_rounds, state, pool, *self._args(plan, union))

@@ -49,8 +49,8 @@ def _padded(ids: np.ndarray, block: int) -> np.ndarray:
 class PersonalEvaluation:
     """Accuracy of each tested client's personal model on its local test split."""
 
-    def __init__(self, sim: Simulator, ids: np.ndarray, base: EvalData, *, block: int = 1024):
-        self.sim, self.block, self.base = sim, int(block), base
+    def __init__(self, sim: Simulator, ids: np.ndarray, base: EvalData, *, block: int = 1024, host_pool=None):
+        self.sim, self.block, self.base, self.host_pool = sim, int(block), base, host_pool
         data = sim.data
         self.ids = np.asarray(ids)[data.test_counts[np.asarray(ids)] > 0]
         self.initial = np.full(len(self.ids), np.nan)  # accuracy of the initial model, once computed
@@ -67,7 +67,12 @@ class PersonalEvaluation:
         self.initial_accuracy = initial_accuracy
 
     def _ev(self, ids: np.ndarray) -> EvalData:
-        """The local tests of ``ids``, sharing the placed pool and global test set."""
+        """The local tests of ``ids``, sharing the placed pool and global test set (a host
+        pool: the block's own test rows, placed)."""
+        if self.host_pool is not None:
+            placed = self.sim.eval_data(ids, pool=self.host_pool)
+            return self.base._replace(pool_x=placed.pool_x, pool_y=placed.pool_y, test_rows=placed.test_rows,
+                                      test_counts=placed.test_counts)
         rows = self.sim.data.row_table(ids, test=True)
         counts = self.sim.data.test_counts[ids].astype(np.int32)
         t = put_replicated((rows, counts), self.sim.replicated_sharding)
@@ -106,7 +111,10 @@ def make_evaluate(sim: Simulator, ev_ids: np.ndarray, *, personal_block: int = 1
     personal = None
     if algorithm.personal_model is not None:
         ids = np.asarray(ev_ids)[eval_clients(len(ev_ids), personal_clients, seed)]  # nested in ev_ids
-        personal = PersonalEvaluation(sim, ids, ev_data, block=personal_block)
+        from fedkd_jax.engine.pool import HostPool
+
+        personal = PersonalEvaluation(sim, ids, ev_data, block=personal_block,
+                                      host_pool=pool if isinstance(pool, HostPool) else None)
         personal = personal if len(personal.ids) else None
 
     def evaluate(state) -> dict[str, Any]:

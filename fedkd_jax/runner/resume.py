@@ -28,6 +28,7 @@ RESUMABLE_KEYS = {
     "run.client_store",
     "run.memory_budget_gb",
     "run.store_dir",
+    "data.pool",
 }
 
 

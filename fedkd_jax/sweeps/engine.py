@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedkd_jax.errors import ConfigError
 from fedkd_jax.engine import Simulator
 from fedkd_jax.engine.cohort import Plan
 from fedkd_jax.engine.mesh import CLIENTS
@@ -116,6 +117,11 @@ class BatchedRuns:
         self._sdata_axes = 0 if jax.tree.leaves(self.sdata) else None
         self._programs: dict[int, Any] = {} if programs is None else programs  # shared by a group's waves
         self.pool = self.sims[0].put_data()
+        from fedkd_jax.engine.pool import HostPool
+
+        if isinstance(self.pool, HostPool):
+            raise ConfigError("data.pool", "a sweep keeps the pooled examples on the devices (its runs share them); "
+                                           "set data.pool=device, or run the points one by one with data.pool=host")
 
     @property
     def compiled_programs(self) -> int:
