@@ -7,7 +7,8 @@ wants. A pool far larger than what any dispatch reads (Stack Overflow's
 file (``x`` may be an ``np.memmap``): :class:`HostPool`. Before each dispatch
 the host gathers the distinct rows its cohorts read into a compact pool of
 fixed capacity (``R x Cp x M`` rows for ``R`` rounds of ``Cp`` clients of at
-most ``M`` rows, so one compiled program per dispatch length) and rewrites
+most ``M`` rows, or the whole pool if smaller, so one compiled program per
+dispatch length) and rewrites
 the plan's row indices into it. The round itself is the same program, and
 the results are bit-identical to the device pool's (a test checks it).
 """

@@ -245,7 +245,10 @@ class Simulator:
         """A host pool's rows that ``plan`` reads, placed, and the plan's rows pointing into them."""
         if not isinstance(pool, HostPool):
             return pool, plan
-        used, rows = compact_rows(plan.rows, plan.counts, capacity=int(np.prod(plan.rows.shape)))
+        # fixed capacity (one program per dispatch length): what R rounds of Cp clients of M rows can
+        # read, and never more than the pool holds
+        capacity = min(int(np.prod(plan.rows.shape)), len(pool.x))
+        used, rows = compact_rows(plan.rows, plan.counts, capacity=capacity)
         placed = put_replicated(PoolData(np.asarray(pool.x[used], np.float32), np.asarray(pool.y[used], np.int32)),
                                 self._replicated)
         return placed, plan._replace(rows=rows)
