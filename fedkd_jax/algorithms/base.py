@@ -99,6 +99,12 @@ class FederatedAlgorithm(NamedTuple):
       server_data: arrays only the server holds (e.g. FedDF's proxy set), placed
         on the devices once and passed to ``server_update`` and
         ``aux_from_update``: data, not state, so checkpoints never copy it.
+      group_updates: architecture groups (:mod:`fedkd_jax.hetero`): group ``g``'s
+        ``client_update`` (same signature; every group returns the same upload
+        structure). Empty: every client runs ``client_update``.
+      groups: per group, a view of the algorithm for that group's clients
+        (its own ``model``, ``personal_model`` and ``personal_params`` over the
+        shared client state), used by per-group evaluation.
     """
 
     name: str
@@ -116,6 +122,8 @@ class FederatedAlgorithm(NamedTuple):
     with_model_params: Callable[[ServerState, Params], ServerState] | None = None
     supports_stragglers: bool = False
     server_data: Any = ()
+    group_updates: tuple = ()
+    groups: tuple = ()
 
     def set_model_params(self, state: ServerState, params: Params) -> ServerState:
         if self.with_model_params is not None:

@@ -130,16 +130,23 @@ def union_size(num_rounds: int, cohort_size: int, num_clients: int) -> int:
 
 def make_plan(data, key_or_bits, start: int, num_rounds: int, cohort_size: int, padded: int, *,
               stateful: bool, sampling: str = "fixed", capacity: int | None = None,
-              width: int | None = None) -> Plan:
+              width: int | None = None, layout=None) -> Plan:
     """The host-side plan of rounds ``start .. start + num_rounds - 1``.
 
     ``data`` is a :class:`~fedkd_jax.data.FederatedData` (its row tables stay on the host).
+    ``layout``: a :class:`~fedkd_jax.hetero.GroupLayout` (architecture groups: stratified
+    cohorts, each group in its own slots of every device's block).
     """
     n = data.num_clients
     bits = key_or_bits if isinstance(key_or_bits, tuple) else key_bits(key_or_bits)
     ids = np.full((num_rounds, padded), n, np.int64)
     cap = capacity or cohort_size
     for r in range(num_rounds):
+        if layout is not None:
+            from fedkd_jax.hetero.groups import group_cohort, place_cohort
+
+            ids[r] = place_cohort(group_cohort(bits, start + r, layout, _COHORT_TAG), layout, n)
+            continue
         c = sample_cohort(bits, start + r, n, cohort_size, sampling)
         if len(c) > cap:
             raise RuntimeError(f"round {start + r}: a Poisson cohort of {len(c)} exceeds the {cap} reserved positions")

@@ -127,6 +127,10 @@ class Simulator:
         from traced hyperparameters, for batched sweeps (:mod:`fedkd_jax.sweeps`);
         the count is the host's :func:`~fedkd_jax.engine.cohort.straggler_count`
         of the run, traced as an integer.
+      groups: ``[N]`` architecture group of each client (:mod:`fedkd_jax.hetero`):
+        stratified cohorts, and group ``g``'s clients run ``algorithm.group_updates[g]``
+        as their own batch inside the same program (every group's client update
+        returns the same upload structure, so one all-reduce sums them all).
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class Simulator:
         max_examples: int | None = None,
         build: Callable[[Any], tuple] | None = None,
         pool: str = "device",
+        groups: np.ndarray | None = None,
     ):
         n = data.num_clients
         if pool not in ("device", "host"):
@@ -189,6 +194,10 @@ class Simulator:
         self.capacity = poisson_capacity(n, cohort_size) if sampling == "poisson" else cohort_size
         self.num_devices = int(self.mesh.shape[CLIENTS])
         self.padded_cohort = padded_cohort(self.capacity, self.num_devices, group_size)
+        self.layout = None
+        if groups is not None:
+            self.layout = self._group_layout(groups, algorithm, sampling)
+            self.padded_cohort = self.layout.padded
         self.max_examples = max(int(max_examples or 0), data.max_examples)
         self.build = build
         self.stateful = algorithm.init_client is not None
@@ -209,6 +218,23 @@ class Simulator:
         self._program = jax.jit(self._rounds, static_argnums=(0,))
         self._init_block = init_program(algorithm.init_client) if self.stateful else None
         self._init_jit = jax.jit(self._init_state)
+
+    def _group_layout(self, groups, algorithm: FederatedAlgorithm, sampling: str):
+        from fedkd_jax.hetero.groups import group_layout
+
+        groups = np.asarray(groups)
+        if groups.shape != (self.num_clients,):
+            raise ConfigError("model.groups", f"needs one group per client ({self.num_clients}); got {groups.shape}")
+        if sampling != "fixed":
+            raise ConfigError("privacy.sampling", "architecture groups sample stratified fixed-size cohorts; "
+                                                  "poisson sampling is not supported with model.groups")
+        if self.straggler_fraction > 0:
+            raise ConfigError("client.straggler_fraction", "stragglers are not simulated with model.groups; use 0")
+        layout = group_layout(groups, self.cohort_size, self.num_devices, self.group_size)
+        if algorithm.group_updates and len(algorithm.group_updates) != layout.num_groups:
+            raise ConfigError("model.groups", f"{algorithm.name} was built for {len(algorithm.group_updates)} "
+                                              f"groups; the population has {layout.num_groups}")
+        return layout
 
     # ----------------------------------------------------------------- setup
     def init(self, seed: int | jax.Array) -> SimState:
@@ -302,10 +328,10 @@ class Simulator:
         setups = [t.encode.cohort_setup(rkey, all_ids) if getattr(t.encode, "cohort_setup", None) else None
                   for t in chain]
 
-        def one(cid, crow, count, strag, cstate, position):
+        def one(update, cid, crow, count, strag, cstate, position):
             cd = ClientData(pool.x[crow], pool.y[crow], count, strag)
             ckey = client_key(rkey, cid)
-            out = alg.client_update(bcast, cstate, cd, ckey)
+            out = update(bcast, cstate, cd, ckey)
             # A client contributes when it is real and its weight is positive; a
             # dropped client (e.g. a FedAvg straggler) uploads nothing.
             real = count > 0
@@ -337,30 +363,44 @@ class Simulator:
             nbytes = jnp.where(sent, jnp.round(jnp.asarray(nbytes, jnp.float32)), 0).astype(jnp.int32)
             return sums, (out.state, nbytes, sent)
 
-        per_client = one if g == 1 else jax.vmap(one)
         positions = offset + jnp.arange(n_local)
-        xs = jax.tree.map(lambda a: a.reshape((n_local // g, g) + a.shape[1:]) if g > 1 else a,
-                          (ids, rows, counts, stragglers, cstates, positions))
+        everything = (ids, rows, counts, stragglers, cstates, positions)
 
         def group_sum(sums):
             return sums if g == 1 else jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
-        first = jax.tree.map(lambda a: a[0], xs)
-        shape = jax.eval_shape(lambda a: group_sum(per_client(*a)[0]), first)
-        if self.build is None:
-            zeros = jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), CLIENTS, to="varying"), shape)
-        else:
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+        def segment(update, lo, hi):
+            """Clients ``lo .. hi - 1`` of this device, all running ``update``."""
+            per_client = partial(one, update) if g == 1 else jax.vmap(partial(one, update))
+            n = hi - lo
+            xs = jax.tree.map(lambda a: a[lo:hi].reshape((n // g, g) + a.shape[1:]) if g > 1 else a[lo:hi],
+                              everything)
+            first = jax.tree.map(lambda a: a[0], xs)
+            shape = jax.eval_shape(lambda a: group_sum(per_client(*a)[0]), first)
+            if self.build is None:
+                zeros = jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), CLIENTS, to="varying"),
+                                     shape)
+            else:
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
 
-        def body(acc, x):
-            sums, per = per_client(*x)
-            # integer payloads (secure aggregation) wrap modulo 2^bits, as the protocol's ring
-            acc = jax.tree.map(jnp.add, acc, group_sum(sums))
-            return acc, per
+            def body(acc, x):
+                sums, per = per_client(*x)
+                # integer payloads (secure aggregation) wrap modulo 2^bits, as the protocol's ring
+                acc = jax.tree.map(jnp.add, acc, group_sum(sums))
+                return acc, per
 
-        acc, per_client_out = jax.lax.scan(body, zeros, xs)
-        if g > 1:
-            per_client_out = jax.tree.map(lambda a: a.reshape((n_local,) + a.shape[2:]), per_client_out)
+            acc, out = jax.lax.scan(body, zeros, xs)
+            if g > 1:
+                out = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), out)
+            return acc, out
+
+        if self.layout is None:
+            acc, per_client_out = segment(alg.client_update, 0, n_local)
+        else:  # architecture groups: each group's slots run its own client update, as its own batch
+            updates = alg.group_updates or (alg.client_update,) * self.layout.num_groups
+            parts = [segment(u, lo, hi) for u, (lo, hi) in zip(updates, self.layout.segments())]
+            acc = jax.tree.map(lambda *a: sum(a[1:], a[0]), *[p[0] for p in parts])
+            per_client_out = jax.tree.map(lambda *a: jnp.concatenate(a), *[p[1] for p in parts])
         leaves, treedef = jax.tree.flatten(acc)
         floats = [x for x in leaves if not jnp.issubdtype(x.dtype, jnp.integer)]
         ints = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.integer)]
@@ -463,7 +503,7 @@ class Simulator:
         """The host-side plan (cohorts, rows, union) of ``num_rounds`` rounds from ``start``."""
         return make_plan(self.data, key, start, num_rounds, self.cohort_size, self.padded_cohort,
                          stateful=self.stateful, sampling=self.sampling, capacity=self.capacity,
-                         width=self.max_examples)
+                         width=self.max_examples, layout=self.layout)
 
     def initial_states(self, key: jax.Array, ids: np.ndarray) -> list[np.ndarray]:
         """Host copies (one array per leaf, ``[len(ids), ...]``) of the seed-defined
