@@ -119,6 +119,12 @@ def _feddf(cfg, model, data):
                          **local, **distill)
 
 
+def _hetero(cfg, model, data):
+    from fedkd_jax.hetero.build import build_hetero
+
+    return build_hetero(cfg, model, data)
+
+
 # The algorithm registry: a new algorithm is its own module plus one line here.
 ALGORITHM_BUILDERS: dict[str, Callable[[Config, Model, FederatedData], alg_lib.FederatedAlgorithm]] = {
     "fedavg": _fedavg,
@@ -126,13 +132,17 @@ ALGORITHM_BUILDERS: dict[str, Callable[[Config, Model, FederatedData], alg_lib.F
     "fedkd": _fedkd,
     "server_teacher_kd": _server_teacher_kd,
     "feddf": _feddf,
+    "fd": _hetero,  # heterogeneous clients: fedkd_jax.hetero
+    "fedproto": _hetero,
 }
 
 
 def build_algorithm(cfg: Config, model: Model, data: FederatedData) -> alg_lib.FederatedAlgorithm:
     """The configured algorithm, from :data:`ALGORITHM_BUILDERS`."""
-    if cfg.algorithm not in ALGORITHM_BUILDERS:
+    if cfg.algorithm not in ALGORITHM_BUILDERS:  # pragma: no cover - validation refuses it first
         raise ConfigError("algorithm", f"unknown algorithm {cfg.algorithm!r}; allowed: {', '.join(ALGORITHM_BUILDERS)}")
+    if cfg.model.groups:  # heterogeneous clients (fedkd_jax.hetero)
+        return _hetero(cfg, model, data)
     if data.y.ndim > 1 and cfg.algorithm in ("feddf", "server_teacher_kd"):
         raise ConfigError("algorithm", f"{cfg.algorithm} distils on a proxy set of single labels; next-token data "
                                        "(a label per token) runs with fedavg (any server optimizer), fedprox or fedkd")
@@ -199,7 +209,10 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
     capacity = poisson_capacity(data.num_clients, r.cohort_size) if cfg.privacy.sampling == "poisson" else r.cohort_size
     pool = choose_pool(cfg.data.pool, pool_bytes=int(data.x.nbytes + data.y.nbytes), num_devices=devices,
                        budget_gb=r.memory_budget_gb)
+    from fedkd_jax.hetero.build import membership
+
     return Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=mesh, group_size=group,
+                     groups=membership(cfg, data),
                      aggregator=build_aggregator(cfg, data, capacity), downlink=build_compressor(cfg, downlink=True),
                      straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode,
                      sampling=cfg.privacy.sampling, store=store, store_dir=store_dir, max_examples=max_examples,

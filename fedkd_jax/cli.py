@@ -238,7 +238,18 @@ def main(argv: list[str] | None = None) -> int:
                  f"(p10 {f['client_acc_p10']:.3f}, p90 {f['client_acc_p90']:.3f})"
                  if f.get("client_acc_mean") is not None and np.isfinite(f["client_acc_mean"])
                  else "no local test splits (data.test_fraction=0)")
-        print(f"global test accuracy {f['test_accuracy']:.4f}, loss {f['test_loss']:.4f}; {local}")
+        if "test_loss" in f:
+            print(f"global test accuracy {f['test_accuracy']:.4f}, loss {f['test_loss']:.4f}; {local}")
+        else:  # no global model (fd, fedproto): the clients' own models
+            print(f"clients' own models: global test accuracy {f['test_accuracy']:.4f} (mean over evaluated "
+                  f"clients); on their local tests {local}")
+    groups = sorted(k[: -len("_test_accuracy")] for k in f if k.endswith("_test_accuracy") and "proto" not in k)
+    if groups:
+        print("per group: " + "; ".join(
+            f"{g} test {f[g + '_test_accuracy']:.3f}" + (f" (prototype {f[g + '_proto_test_accuracy']:.3f})"
+                                                          if g + "_proto_test_accuracy" in f else "")
+            + (f", local {f[g + '_local_acc_mean']:.3f}" if g + "_local_acc_mean" in f else "") for g in groups)
+            + f"; spread {f.get('group_acc_spread', float('nan')):.3f}")
     if "teacher_acc_mean" in f:
         print(f"private teachers on their local tests: mean {f['teacher_acc_mean']:.3f} "
               f"(p10 {f['teacher_acc_p10']:.3f}, p90 {f['teacher_acc_p90']:.3f})")

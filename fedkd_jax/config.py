@@ -70,12 +70,28 @@ class DataConfig:
 
 
 @dataclass
+class GroupConfig:
+    """One architecture group of a heterogeneous population (``model.groups``)."""
+
+    kind: str = "mlp"  # any model.kind
+    hidden: Optional[List[int]] = None  # mlp widths / cnn dense width (unset: model.hidden)
+    channels: Optional[List[int]] = None  # cnn conv channels (unset: model.channels)
+    width: float = 1.0  # reference models: width multiplier
+    share: Optional[float] = None  # share of the population (groups with shares sum to 1)
+    clients: Optional[List[int]] = None  # or explicit client ids
+    name: Optional[str] = None  # label in metrics and plots (default g0, g1, ...)
+
+
+@dataclass
 class ModelConfig:
     # mlp | cnn | femnist_cnn | femnist_cnn_dropout | resnet18_gn | char_lstm | nwp_lstm | transformer
     kind: str = "mlp"
     hidden: List[int] = field(default_factory=lambda: [64])  # MLP widths; CNN dense width
     channels: List[int] = field(default_factory=lambda: [16, 32])  # CNN conv channels
     width: float = 1.0  # reference models: multiplier of every hidden width (1 = the papers' sizes)
+    # heterogeneous clients: architecture groups (fd, fedproto; fedkd: each group's private teacher)
+    groups: List[GroupConfig] = field(default_factory=list)
+    proto_dim: Optional[int] = None  # fedproto: shared prototype width (unset: the models' common feature width)
 
 
 @dataclass
@@ -123,6 +139,8 @@ class DistillConfig:
     teacher_warmup: str = "rounds"  # server_teacher_kd: rounds (clients use CE only meanwhile) | labeled
     warmup_rounds: int = 10  # server_teacher_kd: teacher updates before clients distil from it
     warmup_steps: int = 200  # server_teacher_kd, labeled: Adam steps on the labeled proxy before round 0
+    fd_beta: float = 1.0  # fd: weight of the distillation term towards the global per-label logits
+    proto_lambda: float = 1.0  # fedproto: weight of the distance to the global class prototype
 
 
 @dataclass

@@ -211,6 +211,10 @@ def validate(cfg: Config) -> None:
         _positive(f"model.channels[{i}]", c, integer=True)
     _positive("model.width", m.width)
 
+    from fedkd_jax.hetero.build import check_groups
+
+    check_groups(cfg)
+
     c = cfg.client
     _choice("client.optimizer", c.optimizer, CLIENT_OPTIMIZERS)
     _positive("client.lr", c.lr)

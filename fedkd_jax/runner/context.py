@@ -83,7 +83,8 @@ class RunContext:
         r = cfg.run
         self.pool = sim.put_data()
         self.evaluate = make_evaluate(sim, eval_clients(sim.num_clients, r.eval_clients, r.seed), pool=self.pool,
-                                      personal_clients=r.eval_personal_clients, seed=r.seed)
+                                      personal_clients=r.eval_personal_clients, seed=r.seed,
+                                      group_names=[g.name or f"g{i}" for i, g in enumerate(cfg.model.groups)])
         state = sim.put_state(sim.init(r.seed))
         self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=r.keep_checkpoints, store=sim.store)
         self.resumed_from = None

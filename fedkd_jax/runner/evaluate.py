@@ -49,13 +49,16 @@ def _padded(ids: np.ndarray, block: int) -> np.ndarray:
 class PersonalEvaluation:
     """Accuracy of each tested client's personal model on its local test split."""
 
-    def __init__(self, sim: Simulator, ids: np.ndarray, base: EvalData, *, block: int = 1024, host_pool=None):
+    def __init__(self, sim: Simulator, ids: np.ndarray, base: EvalData, *, block: int = 1024, host_pool=None,
+                 algorithm=None):
+        """``algorithm``: whose personal model to evaluate (default the simulator's; an
+        architecture group's view of it, :mod:`fedkd_jax.hetero`)."""
         self.sim, self.block, self.base, self.host_pool = sim, int(block), base, host_pool
         data = sim.data
         self.ids = np.asarray(ids)[data.test_counts[np.asarray(ids)] > 0]
         self.initial = np.full(len(self.ids), np.nan)  # accuracy of the initial model, once computed
         self.known = np.zeros(len(self.ids), bool)
-        alg = sim.algorithm
+        alg = self.algorithm = sim.algorithm if algorithm is None else algorithm
         ignore = tuple(data.accuracy_ignore)
         self.evaluate = make_personal_evaluator(alg.personal_model.apply, ignore=ignore)
         apply = alg.personal_model.apply
@@ -91,13 +94,14 @@ class PersonalEvaluation:
         acc = self.initial.copy()
         for pos in _blocks(np.flatnonzero(touched), self.block):
             ids = _padded(self.ids[pos], self.block)
-            params = sim.algorithm.personal_params(sim.client_states(state.key, ids))
+            params = self.algorithm.personal_params(sim.client_states(state.key, ids))
             acc[pos] = fetch(self.evaluate(params, self._ev(ids)))[: len(pos)]
         return acc
 
 
 def make_evaluate(sim: Simulator, ev_ids: np.ndarray, *, personal_block: int = 1024, pool: Any = None,
-                  personal_clients: int | None = None, seed: int = 0) -> Callable[[Any], dict[str, Any]]:
+                  personal_clients: int | None = None, seed: int = 0,
+                  group_names: list[str] | None = None) -> Callable[[Any], dict[str, Any]]:
     """``(state) -> dict`` of global metrics, the per-client accuracy summary and,
     for algorithms with personal models (FedKD teachers), their summary, on the
     clients ``ev_ids`` (see the module docstring). Personal models are evaluated
@@ -107,6 +111,13 @@ def make_evaluate(sim: Simulator, ev_ids: np.ndarray, *, personal_block: int = 1
 
     algorithm = sim.algorithm
     ev_data = sim.eval_data(ev_ids, pool=pool)
+    if algorithm.groups:  # architecture groups: per-group personal models (and the global model, if any)
+        from fedkd_jax.hetero.evaluate import make_group_evaluate
+        from fedkd_jax.engine.pool import HostPool
+
+        return make_group_evaluate(sim, ev_ids, ev_data, personal_block=personal_block, seed=seed,
+                                   personal_clients=personal_clients, names=group_names,
+                                   host_pool=pool if isinstance(pool, HostPool) else None)
     global_eval = make_evaluator(algorithm.model.apply, ignore=tuple(sim.data.accuracy_ignore))
     personal = None
     if algorithm.personal_model is not None:
