@@ -7,7 +7,7 @@ wants that, and :func:`configure_compile_cache` to keep compiled programs on
 disk across runs (``fk.run``, ``fk.sweep`` and the CLI do both).
 """
 
-from fedkd_jax import aggregation, algorithms, compression, data, engine, losses, models, privacy, store
+from fedkd_jax import aggregation, algorithms, compression, data, engine, hetero, losses, models, privacy, store
 from fedkd_jax._devices import configure_cpu_devices
 from fedkd_jax.compile_cache import configure_compile_cache
 from fedkd_jax.api import Result, run, sweep
@@ -39,6 +39,7 @@ __all__ = [
     "engine",
     "fedavg",
     "federate",
+    "hetero",
     "losses",
     "make_model",
     "models",

@@ -117,6 +117,10 @@ def data_identity(data: Any, cfg: Config) -> str:
     h.update(str(data.num_clients).encode())
     if cfg.secagg.enabled:
         h.update(str(int(np.max(data.counts))).encode())
+    if cfg.model.groups:  # architecture groups: each client's group (a function of the seed) shapes the program
+        from fedkd_jax.hetero.build import membership
+
+        h.update(np.ascontiguousarray(membership(cfg, data)).tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,230 @@
+"""Architecture groups: assignment, stratified cohorts, the one-program round, FD and FedProto."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import fedkd_jax as fk
+from fedkd_jax.config import load_config
+from fedkd_jax.errors import ConfigError
+from fedkd_jax.hetero.fd import fd
+from fedkd_jax.hetero.fedproto import fedproto
+from fedkd_jax.hetero.grouped import grouped
+from fedkd_jax.hetero.groups import assign_groups, group_layout
+from fedkd_jax.runner import read_jsonl
+
+TIMING = ("round_time", "wall_time", "eval_time", "eval_seconds", "checkpoint_seconds")
+
+
+@pytest.fixture(scope="module")
+def pop(digits):
+    return fk.federate(digits, partition="dirichlet", num_clients=12, seed=1, alpha=1.0)
+
+
+def _mlp(hidden):
+    return fk.make_model("mlp", num_features=64, num_classes=10, hidden=hidden)
+
+
+# ------------------------------------------------------------ assignment
+def test_assign_groups_has_exact_shares_and_depends_on_the_seed():
+    m = assign_groups(103, [0.5, 0.3, 0.2], seed=0)
+    # Hamilton by hand: 51.5, 30.9, 20.6 -> floors 51, 30, 20; the 2 left go to .9 and .6
+    assert np.bincount(m).tolist() == [51, 31, 21]
+    assert np.array_equal(m, assign_groups(103, [0.5, 0.3, 0.2], seed=0))
+    assert not np.array_equal(m, assign_groups(103, [0.5, 0.3, 0.2], seed=1))
+    e = assign_groups(20, [None, 0.5, 0.5], seed=0, clients=[[0, 1, 2], None, None])
+    assert e[:3].tolist() == [0, 0, 0] and np.bincount(e).tolist() == [3, 9, 8]  # 17 left: 8.5 / 8.5 -> 9, 8
+    with pytest.raises(ConfigError, match="model.groups"):
+        assign_groups(5, None, seed=0, clients=[[0, 1], [1, 2, 3, 4]])
+
+
+def test_stratified_cohorts_sample_each_group_uniformly(pop):
+    member = assign_groups(12, [0.5, 0.25, 0.25], seed=0)
+    alg = fk.fedavg(_mlp((8,)), optax.sgd(0.1), optax.sgd(1.0), batch_size=5)
+    sim = fk.Simulator(alg, pop, cohort_size=4, mesh=fk.client_mesh(2), groups=member)
+    lay = sim.layout
+    # C_g: 1 slot each, then the 1 left by population (6, 3, 3) -> group 0: (2, 1, 1)
+    assert lay.cohort == (2, 1, 1) and lay.slots == (1, 1, 1) and sim.padded_cohort == 6
+    plan = sim.plan(jax.random.key(0), 0, 300)
+    hits = np.zeros(12)
+    for ids in plan.ids:
+        blocks = ids.reshape(2, 3)  # [device, group slot]
+        for g in range(3):
+            real = blocks[:, g][blocks[:, g] < 12]
+            assert len(real) == lay.cohort[g] and np.all(member[real] == g)
+        real = ids[ids < 12]
+        assert len(np.unique(real)) == 4
+        hits[real] += 1
+    expect = np.array([lay.cohort[g] / np.sum(member == g) for g in member]) * 300
+    assert np.all(np.abs(hits - expect) < 5 * np.sqrt(expect))  # binomial: within 5 sigma
+
+
+# ------------------------------------------------------ one group == today
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _run(alg, data, groups, rounds=3, cohort=5):
+    sim = fk.Simulator(alg, data, cohort_size=cohort, mesh=fk.client_mesh(2), groups=groups)
+    st = sim.put_state(sim.init(0))
+    st, m = sim.run(st, sim.put_data(), rounds)
+    clients = sim.client_states(st.key) if sim.stateful else ()
+    return jax.device_get((st, clients, m))
+
+
+def test_one_group_is_exactly_the_ungrouped_engine(pop):
+    one = np.zeros(12, np.int32)
+    avg = fk.fedavg(_mlp((8,)), optax.sgd(0.1, momentum=0.5), optax.sgd(1.0), batch_size=5)
+    a, b = _run(avg, pop, None), _run(avg, pop, one)
+    _leaves_equal(a[0], b[0])
+    kd = fk.algorithms.fedkd(_mlp((8,)), _mlp((16,)), optax.sgd(0.1), optax.sgd(0.1), optax.sgd(1.0), batch_size=5)
+    a, b = _run(kd, pop, None), _run(grouped([kd]), pop, one)
+    _leaves_equal(a[0], b[0])
+    _leaves_equal(a[1], b[1][0])  # the one slot of every client's state: the same teachers
+    assert np.array_equal(a[2]["train_loss"], b[2]["train_loss"])
+
+
+# ------------------------------------------------------------ FD, FedProto
+def _cohort_rows(sim, data, key):
+    ids = sim.plan(key, 0, 1).ids[0]
+    ids = ids[ids < data.num_clients]
+    return ids, [data.client_rows(int(i)) for i in ids]
+
+
+def test_fd_server_logits_are_numpy_per_label_means(pop):
+    models = [_mlp((8,)), _mlp((16, 16))]
+    member = assign_groups(12, [0.5, 0.5], seed=0)
+    alg = fd(models, optax.sgd(0.0), num_classes=10, batch_size=5, local_epochs=1)
+    sim = fk.Simulator(alg, pop, cohort_size=6, mesh=fk.client_mesh(2), groups=member)
+    assert sim.bytes_up_per_client == (10 * 10 + 10) * 4 == sim.bytes_down_per_client
+    st = sim.put_state(sim.init(0))
+    st, _ = sim.run(st, sim.put_data(), 1)
+    ids, rows = _cohort_rows(sim, pop, st.key)
+    sums, counts = np.zeros((10, 10)), np.zeros(10)
+    states = sim.client_states(st.key, ids)  # lr 0: the models every logit came from
+    for j, (i, r) in enumerate(zip(ids, rows)):
+        g = member[i]
+        params = jax.tree.map(lambda a: a[j], states[g].params)
+        logits = np.asarray(models[g].apply(params, pop.x[r])[0], np.float64)
+        for row, label in zip(logits, pop.y[r]):  # one epoch: every row once
+            sums[label] += row
+            counts[label] += 1
+    have = counts > 0
+    np.testing.assert_allclose(np.asarray(st.server.logits)[have], (sums[have].T / counts[have]).T, atol=1e-4)
+    assert np.array_equal(np.asarray(st.server.valid) > 0, have)
+
+
+def test_fedproto_prototypes_are_numpy_count_weighted_class_means(pop):
+    models = [_mlp((8,)), _mlp((16,))]  # feature widths 8 and 16: projected to 6
+    member = assign_groups(12, [0.5, 0.5], seed=0)
+    alg = fedproto(models, optax.sgd(0.0), num_classes=10, batch_size=5, proto_dim=6)
+    sim = fk.Simulator(alg, pop, cohort_size=6, mesh=fk.client_mesh(2), groups=member)
+    st = sim.put_state(sim.init(0))
+    st, _ = sim.run(st, sim.put_data(), 1)
+    ids, rows = _cohort_rows(sim, pop, st.key)
+    sums, counts = np.zeros((10, 6)), np.zeros(10)
+    states = sim.client_states(st.key, ids)
+    for j, (i, r) in enumerate(zip(ids, rows)):
+        g = member[i]
+        params = jax.tree.map(lambda a: a[j], states[g].params)
+        h = np.maximum(pop.x[r] @ params["body"]["hidden"][0]["kernel"] + params["body"]["hidden"][0]["bias"], 0)
+        z = h @ params["proj"]["kernel"] + params["proj"]["bias"]  # the projection, by hand in numpy
+        for row, label in zip(np.asarray(z, np.float64), pop.y[r]):
+            sums[label] += row
+            counts[label] += 1
+    have = counts > 0
+    np.testing.assert_allclose(np.asarray(st.server.protos)[have], (sums[have].T / counts[have]).T, atol=1e-4)
+
+
+def test_fedproto_needs_a_shared_prototype_width():
+    with pytest.raises(ConfigError, match="model.proto_dim"):
+        fedproto([_mlp((8,)), _mlp((16,))], optax.sgd(0.1), num_classes=10, batch_size=5)
+
+
+# ------------------------------------------------------------ config errors
+GROUPS = "model.groups=[{kind: mlp, hidden: [8], share: 0.5}, {kind: cnn, hidden: [16], channels: [4], share: 0.5}]"
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["algorithm=fd", "model.groups=[{kind: mlp, share: 0.5}, {kind: mlp, share: 0.4}]"], "model.groups"),
+    (["algorithm=fd", "model.groups=[{kind: lenet, share: 1.0}]"], "model.groups[0].kind"),
+    (["algorithm=fd", "model.groups=[{kind: femnist_cnn, width: 0, share: 1.0}]"], "model.groups[0].width"),
+    (["algorithm=fd", "model.groups=[{kind: mlp, share: 0.5, clients: [1]}, {kind: mlp, share: 0.5}]"],
+     "model.groups[0]"),
+    (["algorithm=fedavg", GROUPS], "model.groups"),
+    (["algorithm=fd", GROUPS, "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0"], "privacy"),
+    (["algorithm=fedproto", GROUPS, "compression.method=topk"], "compression.method"),
+])
+def test_bad_group_configs_fail_before_anything_runs(sets, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, sets)
+    assert e.value.field == field
+
+
+def test_a_cohort_smaller_than_the_groups_is_refused(pop):
+    alg = fd([_mlp((8,))] * 3, optax.sgd(0.1), num_classes=10, batch_size=5)
+    with pytest.raises(ConfigError, match="run.cohort_size"):
+        fk.Simulator(alg, pop, cohort_size=2, groups=np.arange(12) % 3)
+
+
+# ----------------------------------------------------- run, resume, sweep
+RUN = ["algorithm=fd", "data.num_clients=12", "run.cohort_size=6", "run.rounds=12", "run.eval_every=3",
+       "run.checkpoint_every=2", "run.rounds_per_dispatch=1", "run.progress=false",
+       "model.groups=[{kind: mlp, hidden: [8], share: 0.5}, {kind: mlp, hidden: [16, 16], share: 0.25},"
+       " {kind: cnn, hidden: [16], channels: [4], share: 0.25}]"]
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "fedkd_jax.cli", *args, *[x for s in RUN for x in ("--set", s)], "--no-progress"]
+
+
+def _rows(out):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_heterogeneous_run_resumes_exactly_after_kill_9(tmp_path):
+    env = dict(os.environ, FEDKD_CPU_DEVICES="2")
+    ref = str(tmp_path / "ref")
+    p = subprocess.run(_cmd("run", "--out", ref), env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "per group: g0 test" in p.stdout
+    rows = _rows(ref)
+    assert len(rows) == 12 and {"g0_test_accuracy", "g2_local_acc_mean", "group_acc_spread"} <= set(rows[-1])
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(_cmd("run", "--out", out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target, t0 = random.Random(7).randint(3, 9), time.time()
+    path = os.path.join(out, "metrics.jsonl")
+    while proc.poll() is None and time.time() - t0 < 120:
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= target:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = subprocess.run([sys.executable, "-m", "fedkd_jax.cli", "resume", out, "--no-progress"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert _rows(out) == rows
+
+
+def test_heterogeneous_sweep_runs_equal_their_single_runs(tmp_path):
+    cfg = load_config(None, [s for s in RUN if not s.startswith("run.rounds=")] + ["run.rounds=4"])
+    swept = fk.sweep(cfg, {"client.lr": [0.05, 0.1]}, seeds=1, out=str(tmp_path / "sweep"))
+    for lr in (0.05, 0.1):
+        single = fk.run(load_config(None, [s for s in RUN if not s.startswith("run.rounds=")]
+                                    + ["run.rounds=4", f"client.lr={lr}"]), out=str(tmp_path / f"single{lr}"))
+        got = [r for r in swept.rows if r["client.lr"] == lr][-1]
+        for k in ("train_loss", "test_accuracy", "g1_test_accuracy", "g2_local_acc_mean"):
+            np.testing.assert_allclose(got[k], single.final[k], rtol=1e-5, atol=1e-5, err_msg=k)
