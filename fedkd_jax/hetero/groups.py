@@ -109,6 +109,11 @@ class GroupLayout(NamedTuple):
     def padded(self) -> int:
         return self.num_devices * sum(self.slots)
 
+    def positions(self) -> list[np.ndarray]:
+        """Per group, ``[Cp]`` bool: the cohort positions it owns (on every device)."""
+        within = np.arange(self.padded) % sum(self.slots)
+        return [(within >= lo) & (within < hi) for lo, hi in self.segments()]
+
     def segments(self) -> list[tuple[int, int]]:
         """Per group, its ``[lo, hi)`` positions within one device's block."""
         off = np.concatenate([[0], np.cumsum(self.slots)]).astype(int)

@@ -128,6 +128,11 @@ class RunContext:
         self._restore_clocks(last)
         self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
         self.bytes_down = sim.cohort_size * sim.bytes_down_per_client  # round_bytes()[1], without tracing the update
+        self.groups = []  # architecture groups: (name, cohort positions, cohort size) for per-group bytes
+        if sim.layout is not None:
+            names = [g.name or f"g{i}" for i, g in enumerate(cfg.model.groups)] or ["g0"]
+            self.groups = list(zip(names, sim.layout.positions(), sim.layout.cohort))
+        self._restore_group_bytes(last)
         self.dispatch_seconds = self.eval_time = self.close_seconds = 0.0
         self._start_downlink(self.log.rows)
         self.t_start = time.perf_counter()
@@ -154,8 +159,26 @@ class RunContext:
         last = self.log.rows[-1] if self.log.rows else {}
         self.cum_up, self.cum_down = int(last.get("cum_bytes_up", 0)), int(last.get("cum_bytes_down", 0))
         self._restore_clocks(last)
+        self._restore_group_bytes(last)
         self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
         self._start_downlink(self.log.rows)
+
+    def _restore_group_bytes(self, last: dict) -> None:
+        self.group_cum = {name: [int(last.get(f"{name}_cum_bytes_up", 0)), int(last.get(f"{name}_cum_bytes_down", 0))]
+                          for name, _, _ in self.groups}
+
+    def _group_bytes(self, row: dict, up: np.ndarray) -> None:
+        """Per architecture group: bytes up (its clients' exact uploads), and down (its
+        sampled clients times the broadcast; not split by group under downlink compression)."""
+        for name, mask, cohort in self.groups:
+            cum = self.group_cum[name]
+            row[f"{name}_bytes_up"] = int(up[mask].sum())
+            cum[0] += row[f"{name}_bytes_up"]
+            row[f"{name}_cum_bytes_up"] = cum[0]
+            if self.downlink is None:
+                row[f"{name}_bytes_down"] = cohort * self.sim.bytes_down_per_client
+                cum[1] += row[f"{name}_bytes_down"]
+                row[f"{name}_cum_bytes_down"] = cum[1]
 
     def _restore_clocks(self, last: dict) -> None:
         """The cumulative clocks of the rows already logged (a resumed run continues them)."""
@@ -193,6 +216,7 @@ class RunContext:
             row["clients_contributing"] = int(m["clients_contributing"][i])
             row["round_time"] = seconds / n
             row["bytes_up"] = int(np.asarray(m["bytes_up_clients"][i], np.int64).sum())
+            self._group_bytes(row, np.asarray(m["bytes_up_clients"][i], np.int64))
             if self.downlink is not None:  # compressed deltas: each sampled client's catch-up (runner.downlink)
                 delta = int(m["bytes_down_client"][i])
                 row["bytes_down"], per_round = self.downlink.charge(self.done + i, delta)
