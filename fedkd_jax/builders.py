@@ -134,6 +134,7 @@ ALGORITHM_BUILDERS: dict[str, Callable[[Config, Model, FederatedData], alg_lib.F
     "feddf": _feddf,
     "fd": _hetero,  # heterogeneous clients: fedkd_jax.hetero
     "fedproto": _hetero,
+    "fedmd": _hetero,
 }
 
 

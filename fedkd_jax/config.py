@@ -141,6 +141,9 @@ class DistillConfig:
     warmup_steps: int = 200  # server_teacher_kd, labeled: Adam steps on the labeled proxy before round 0
     fd_beta: float = 1.0  # fd: weight of the distillation term towards the global per-label logits
     proto_lambda: float = 1.0  # fedproto: weight of the distance to the global class prototype
+    public_subset: int = 5000  # fedmd: public rows each round's consensus covers (at most the proxy set)
+    public_epochs: int = 1  # fedmd: transfer-learning epochs on the labeled public set before any round
+    digest_epochs: int = 1  # fedmd: epochs towards the consensus per round (batch distill.server_batch_size)
 
 
 @dataclass

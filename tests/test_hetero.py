@@ -149,6 +149,34 @@ def test_fedproto_prototypes_are_numpy_count_weighted_class_means(pop):
     np.testing.assert_allclose(np.asarray(st.server.protos)[have], (sums[have].T / counts[have]).T, atol=1e-4)
 
 
+def test_fedmd_consensus_is_the_numpy_mean_of_the_models_logits(pop):
+    from fedkd_jax.hetero.fedmd import fedmd
+
+    models = [_mlp((8,)), _mlp((16, 16))]
+    member = assign_groups(12, [0.5, 0.5], seed=0)
+    public = np.asarray(pop.global_x[:40], np.float32)
+    alg = fedmd(models, optax.sgd(0.0), public, np.asarray(pop.global_y[:40]), num_classes=10, batch_size=5,
+                public_subset=16)
+    sim = fk.Simulator(alg, pop, cohort_size=6, mesh=fk.client_mesh(2), groups=member)
+    assert sim.bytes_up_per_client == 16 * 10 * 4 == sim.bytes_down_per_client
+    st0 = sim.put_state(sim.init(0))
+    st, _ = sim.run(st0, sim.put_data(), 1)
+    idx = np.asarray(st.server.idx)
+    assert np.array_equal(idx, np.asarray(st0.server.next_idx)) and len(np.unique(idx)) == 16
+    ids, _ = _cohort_rows(sim, pop, st.key)
+    states = sim.client_states(st.key, ids)
+    per_model = []
+    for j, i in enumerate(ids):
+        g = member[i]
+        w = jax.tree.map(lambda a: np.asarray(a[j], np.float64), states[g].params)
+        h = public[idx]
+        for q in sorted(w["hidden"]):  # the MLP by hand in numpy
+            layer = w["hidden"][q]
+            h = np.maximum(h @ layer["kernel"] + layer["bias"], 0)
+        per_model.append(h @ w["head"]["kernel"] + w["head"]["bias"])
+    np.testing.assert_allclose(np.asarray(st.server.consensus), np.mean(per_model, axis=0), atol=1e-4)
+
+
 def test_fedproto_needs_a_shared_prototype_width():
     with pytest.raises(ConfigError, match="model.proto_dim"):
         fedproto([_mlp((8,)), _mlp((16,))], optax.sgd(0.1), num_classes=10, batch_size=5)

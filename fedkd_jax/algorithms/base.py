@@ -102,6 +102,8 @@ class FederatedAlgorithm(NamedTuple):
       group_updates: architecture groups (:mod:`fedkd_jax.hetero`): group ``g``'s
         ``client_update`` (same signature; every group returns the same upload
         structure). Empty: every client runs ``client_update``.
+      clients_see_server_data: ``client_update`` receives ``(broadcast, server_data)``:
+        data every client already holds (FedMD's public set), not downloaded.
       groups: per group, a view of the algorithm for that group's clients
         (its own ``model``, ``personal_model`` and ``personal_params`` over the
         shared client state), used by per-group evaluation.
@@ -124,6 +126,7 @@ class FederatedAlgorithm(NamedTuple):
     server_data: Any = ()
     group_updates: tuple = ()
     groups: tuple = ()
+    clients_see_server_data: bool = False
 
     def set_model_params(self, state: ServerState, params: Params) -> ServerState:
         if self.with_model_params is not None:

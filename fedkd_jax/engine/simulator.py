@@ -300,6 +300,8 @@ class Simulator:
             jax.ShapeDtypeStruct((), jnp.int32),
         )
         bc = jax.eval_shape(self.algorithm.broadcast, abstract.server)
+        if self.algorithm.clients_see_server_data:
+            bc = (bc, self._server_data)
         return jax.eval_shape(self.algorithm.client_update, bc, self.client_template, cd, abstract.key)
 
     # ----------------------------------------------------------------- round
@@ -421,6 +423,8 @@ class Simulator:
         else:
             stragglers = jnp.zeros((self.padded_cohort,), jnp.int32)
         bcast = alg.broadcast(state.server)
+        if alg.clients_see_server_data:  # data every client holds (FedMD's public set)
+            bcast = (bcast, sdata)
 
         sharded = jax.shard_map(
             partial(self._clients, alg, agg),

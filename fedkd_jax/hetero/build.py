@@ -13,10 +13,10 @@ import numpy as np
 from fedkd_jax.errors import ConfigError
 
 # algorithms whose clients may differ in architecture, and what each group entry describes
-HETERO_ALGORITHMS = {"fd": "the client's model", "fedproto": "the client's model",
+HETERO_ALGORITHMS = {"fd": "the client's model", "fedproto": "the client's model", "fedmd": "the client's model",
                      "fedkd": "the client's private teacher (model.kind is the shared student)"}
 # algorithms that only run with groups (no shared model to fall back on)
-GROUPS_ONLY = ("fd", "fedproto")
+GROUPS_ONLY = ("fd", "fedproto", "fedmd")
 
 
 def check_groups(cfg) -> None:
@@ -25,9 +25,11 @@ def check_groups(cfg) -> None:
 
     groups = cfg.model.groups
     alg = cfg.algorithm
-    if not groups:
-        if alg in GROUPS_ONLY:  # one group of model.kind: a homogeneous population
-            return
+    if alg == "fedmd" and cfg.data.proxy == "holdout" and cfg.data.proxy_fraction <= 0:
+        raise ConfigError("data.proxy_fraction", "fedmd trains on a public set: set data.proxy_fraction in (0, 1) "
+                                                 "(labeled held-out rows), or name an out-of-domain data.proxy with "
+                                                 "distill.public_epochs=0")
+    if not groups:  # fd / fedproto / fedmd without groups: one group of model.kind
         return
     if alg not in HETERO_ALGORITHMS:
         raise ConfigError("model.groups", f"{alg} trains one shared architecture; heterogeneous groups run with "
@@ -116,6 +118,12 @@ def build_hetero(cfg, model, data):
     models = group_models(cfg, data) or [model]
     if cfg.algorithm == "fd":
         return fd(models, opt, num_classes=data.num_classes, temperature=k.temperature, beta=k.fd_beta, **local)
+    if cfg.algorithm == "fedmd":
+        from fedkd_jax.hetero.fedmd import fedmd
+
+        return fedmd(models, opt, data.proxy_x, data.proxy_y, num_classes=data.num_classes,
+                     public_subset=k.public_subset, public_epochs=k.public_epochs, digest_epochs=k.digest_epochs,
+                     digest_batch_size=k.server_batch_size, **local)
     if cfg.algorithm == "fedproto":
         return fedproto(models, opt, num_classes=data.num_classes, proto_lambda=k.proto_lambda,
                         proto_dim=cfg.model.proto_dim, **local)
