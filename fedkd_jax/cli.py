@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                  else "no local test splits (data.test_fraction=0)")
         if "test_loss" in f:
             print(f"global test accuracy {f['test_accuracy']:.4f}, loss {f['test_loss']:.4f}; {local}")
-        else:  # no global model (fd, fedproto): the clients' own models
-            print(f"clients' own models: global test accuracy {f['test_accuracy']:.4f} (mean over evaluated "
-                  f"clients); on their local tests {local}")
+        else:  # no single global model (fd, fedproto, fedmd: the clients' own; feddf with groups: one per group)
+            print(f"global test accuracy {f['test_accuracy']:.4f} (no single global model: the mean over the "
+                  f"groups' models or the clients' own); on the local tests {local}")
     groups = sorted(k[: -len("_test_accuracy")] for k in f if k.endswith("_test_accuracy") and "proto" not in k)
     if groups:
         print("per group: " + "; ".join(

@@ -177,6 +177,38 @@ def test_fedmd_consensus_is_the_numpy_mean_of_the_models_logits(pop):
     np.testing.assert_allclose(np.asarray(st.server.consensus), np.mean(per_model, axis=0), atol=1e-4)
 
 
+def test_feddf_across_architectures_averages_within_each_group(pop):
+    """One full-batch SGD step per client on linear models: FedAvg per group by hand in numpy."""
+    from fedkd_jax.hetero.feddf import feddf_hetero
+
+    models = [_mlp(()), _mlp(())]
+    member = assign_groups(12, [0.5, 0.5], seed=0)
+    proxy = np.asarray(pop.global_x[:30], np.float32)
+    alg = feddf_hetero(models, optax.sgd(0.1), optax.sgd(1.0), proxy, batch_size=1000, distill_lr=0.0,
+                       distill_steps=2, val_fraction=0.0)
+    sim = fk.Simulator(alg, pop, cohort_size=6, mesh=fk.client_mesh(2), groups=member)
+    st0 = sim.put_state(sim.init(0))
+    st, m = sim.run(st0, sim.put_data(), 1)
+    ids, rows = _cohort_rows(sim, pop, st.key)
+    for g in range(2):
+        w0 = np.asarray(st0.server.params[g]["head"]["kernel"], np.float64)
+        b0 = np.asarray(st0.server.params[g]["head"]["bias"], np.float64)
+        num_w, num_b, total = 0.0, 0.0, 0
+        for i, r in zip(ids, rows):
+            if member[i] != g:
+                continue
+            x, y = pop.x[r].astype(np.float64), pop.y[r]
+            z = x @ w0 + b0
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(y)), y] -= 1.0  # d mean CE / d logits, times n
+            num_w = num_w + len(y) * (-0.1 * x.T @ p / len(y))
+            num_b = num_b + len(y) * (-0.1 * p.mean(0))
+            total += len(y)
+        np.testing.assert_allclose(np.asarray(st.server.params[g]["head"]["kernel"]), w0 + num_w / total, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(st.server.params[g]["head"]["bias"]), b0 + num_b / total, atol=2e-5)
+
+
 def test_fedproto_needs_a_shared_prototype_width():
     with pytest.raises(ConfigError, match="model.proto_dim"):
         fedproto([_mlp((8,)), _mlp((16,))], optax.sgd(0.1), num_classes=10, batch_size=5)

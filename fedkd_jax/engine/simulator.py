@@ -340,7 +340,7 @@ class Simulator:
             w = out.weight * real
             aw = (out.weight if out.aux_weight is None else out.aux_weight) * real
             nbytes = tree_bytes(out.update) if out.upload_bytes is None else out.upload_bytes
-            payload, stats = {"update": out.update, "aux": ()}, {}
+            payload, stats = {"update": out.update, "aux": out.aux}, {}
             aux_done = False
             for i, t in enumerate(chain):
                 if not t.before_aux and not aux_done and alg.aux_from_update is not None:

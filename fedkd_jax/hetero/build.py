@@ -14,7 +14,8 @@ from fedkd_jax.errors import ConfigError
 
 # algorithms whose clients may differ in architecture, and what each group entry describes
 HETERO_ALGORITHMS = {"fd": "the client's model", "fedproto": "the client's model", "fedmd": "the client's model",
-                     "fedkd": "the client's private teacher (model.kind is the shared student)"}
+                     "fedkd": "the client's private teacher (model.kind is the shared student)",
+                     "feddf": "the group's prototype model (one per group, fused by ensemble distillation)"}
 # algorithms that only run with groups (no shared model to fall back on)
 GROUPS_ONLY = ("fd", "fedproto", "fedmd")
 
@@ -58,7 +59,7 @@ def check_groups(cfg) -> None:
                                           f"({', '.join(f'{s:g}' for s in given)})")
     if cfg.client.straggler_fraction > 0:
         raise ConfigError("client.straggler_fraction", "stragglers are not simulated with model.groups; use 0")
-    if alg in GROUPS_ONLY:
+    if alg in GROUPS_ONLY + ("feddf",):
         from fedkd_jax.settings import compression_method, downlink_method, dp_enabled
 
         if dp_enabled(cfg) or cfg.secagg.enabled or cfg.privacy.clip_norm is not None:
@@ -66,8 +67,8 @@ def check_groups(cfg) -> None:
                               f"{alg} with differential privacy or secure aggregation is not supported yet: its "
                               "uploads are per-class sums and counts, whose sensitivity the mechanism would need")
         if compression_method(cfg) != "none" or downlink_method(cfg) != "none":
-            raise ConfigError("compression.method", f"{alg} uploads K x K logits (fd) or K x P prototypes "
-                                                    "(fedproto): set compression.method=none and downlink=none")
+            raise ConfigError("compression.method", f"{alg} with model.groups uploads per-class values or a "
+                                                    "group's model: set compression.method=none and downlink=none")
 
 
 def group_names(cfg) -> list[str]:
@@ -134,4 +135,12 @@ def build_hetero(cfg, model, data):
         teacher_opt = alg_lib.client_optimizer(k.teacher_optimizer, lr=k.teacher_lr, momentum=c.momentum)
         return grouped([alg_lib.fedkd(model, t, client_opt, teacher_opt, server_opt, temperature=k.temperature,
                                       **local) for t in group_models(cfg, data, teacher=True)], name="fedkd")
+    if cfg.algorithm == "feddf":
+        from fedkd_jax.builders import _common
+        from fedkd_jax.hetero.feddf import feddf_hetero
+
+        client_opt, server_opt, local, distill = _common(cfg)
+        return feddf_hetero(models, client_opt, server_opt, data.proxy_x, proxy_y=data.proxy_y,
+                            temperature=k.temperature, schedule=k.server_schedule, val_fraction=k.val_fraction,
+                            val_every=k.val_every, patience=k.patience, **local, **distill)
     raise ConfigError("algorithm", f"{cfg.algorithm} has no heterogeneous form")

@@ -9,6 +9,10 @@ For each group ``g`` (named ``g0``, ``g1``, ... or by ``model.groups[g].name``):
 * ``{g}_test_accuracy``: the mean accuracy of those models on the global test
   set, over the first ``global_clients`` of that sample (each model sees every
   global test row);
+* FedDF across architectures (a model per group): ``{g}_test_accuracy`` and
+  ``{g}_local_acc_*`` are the group model's, on the global test set and on
+  its clients' local tests; ``test_accuracy`` weights the groups by their
+  population shares;
 * FedProto: ``{g}_proto_test_accuracy``, the same with nearest-prototype
   inference against the server's prototypes (the paper's accuracy).
 
@@ -53,7 +57,7 @@ def _global_accuracy(apply, proto: bool):
 
 def make_group_evaluate(sim, ev_ids: np.ndarray, ev_data, *, personal_block: int = 1024, seed: int = 0,
                         personal_clients: int | None = None, names: list[str] | None = None, host_pool=None,
-                        global_clients: int = 50) -> Callable[[Any], dict[str, Any]]:
+                        global_clients: int = 50, pool=None) -> Callable[[Any], dict[str, Any]]:
     """``(state) -> dict`` of the metrics in the module docstring."""
     from fedkd_jax.runner.evaluate import PersonalEvaluation
 
@@ -69,6 +73,14 @@ def make_group_evaluate(sim, ev_ids: np.ndarray, ev_data, *, personal_block: int
     proto = alg.name == "fedproto"
     per_group = []
     for g, view in enumerate(groups):
+        if not has_global and view.model_params(sim._abstract.server) is not None:
+            # a model per group (FedDF across architectures): evaluated like a global model, on the
+            # global test set and on the local tests of the group's clients
+            ids = np.asarray(ev_ids)[member[np.asarray(ev_ids)] == g]
+            evaluator = make_evaluator(view.model.apply, ignore=tuple(sim.data.accuracy_ignore))
+            per_group.append((names[g], view, ("global", evaluator, sim.eval_data(ids, pool=host_pool or pool)),
+                              ids, None, None))
+            continue
         ids = sample[member[sample] == g]
         local = PersonalEvaluation(sim, ids, ev_data, block=personal_block, host_pool=host_pool, algorithm=view)
         local = local if len(local.ids) else None
@@ -84,7 +96,16 @@ def make_group_evaluate(sim, ev_ids: np.ndarray, ev_data, *, personal_block: int
             out.update({k: float(v) for k, v in ev.items() if np.ndim(v) == 0})
             out.update(summarize_clients(ev["client_accuracy"]))
         pooled_local, pooled_test, group_test = [], [], []
+        weights = []
         for name, view, local, probe, test_fn, proto_fn in per_group:
+            if isinstance(local, tuple):  # the group's own global model
+                ev = {k: fetch(v) for k, v in local[1](view.model_params(state.server), local[2]).items()}
+                out[f"{name}_test_accuracy"] = float(ev["test_accuracy"])
+                out.update(summarize_clients(ev["client_accuracy"], prefix=f"{name}_local_acc"))
+                group_test.append(float(ev["test_accuracy"]))
+                weights.append(float(np.mean(member == len(weights))))
+                pooled_local.append(np.asarray(ev["client_accuracy"]))
+                continue
             if local is not None:
                 acc = local(state)
                 pooled_local.append(acc)
@@ -103,7 +124,9 @@ def make_group_evaluate(sim, ev_ids: np.ndarray, ev_data, *, personal_block: int
         if has_global:
             out.update(summarize_clients(local_all, prefix="teacher_acc"))
         else:
-            if pooled_test:
+            if weights:  # a model per group: their accuracies weighted by the groups' population shares
+                out["test_accuracy"] = float(np.dot(weights, group_test) / np.sum(weights))
+            elif pooled_test:
                 out["test_accuracy"] = float(np.concatenate(pooled_test).mean())
             out.update(summarize_clients(local_all))
         return out

@@ -128,10 +128,13 @@ class RunContext:
         self._restore_clocks(last)
         self.last_eval = {k: v for k, v in last.items() if k.startswith(("test_", "client_acc", "teacher_acc"))}
         self.bytes_down = sim.cohort_size * sim.bytes_down_per_client  # round_bytes()[1], without tracing the update
-        self.groups = []  # architecture groups: (name, cohort positions, cohort size) for per-group bytes
+        self.groups = []  # architecture groups: (name, cohort positions, bytes down a round) for per-group bytes
         if sim.layout is not None:
             names = [g.name or f"g{i}" for i, g in enumerate(cfg.model.groups)] or ["g0"]
-            self.groups = list(zip(names, sim.layout.positions(), sim.layout.cohort))
+            down = [v.download_bytes if v.download_bytes is not None else sim.bytes_down_per_client
+                    for v in sim.algorithm.groups] or [sim.bytes_down_per_client]
+            self.groups = list(zip(names, sim.layout.positions(), [c * d for c, d in zip(sim.layout.cohort, down)]))
+            self.bytes_down = sum(g[2] for g in self.groups)
         self._restore_group_bytes(last)
         self.dispatch_seconds = self.eval_time = self.close_seconds = 0.0
         self._start_downlink(self.log.rows)
@@ -170,13 +173,13 @@ class RunContext:
     def _group_bytes(self, row: dict, up: np.ndarray) -> None:
         """Per architecture group: bytes up (its clients' exact uploads), and down (its
         sampled clients times the broadcast; not split by group under downlink compression)."""
-        for name, mask, cohort in self.groups:
+        for name, mask, down in self.groups:
             cum = self.group_cum[name]
             row[f"{name}_bytes_up"] = int(up[mask].sum())
             cum[0] += row[f"{name}_bytes_up"]
             row[f"{name}_cum_bytes_up"] = cum[0]
             if self.downlink is None:
-                row[f"{name}_bytes_down"] = cohort * self.sim.bytes_down_per_client
+                row[f"{name}_bytes_down"] = down
                 cum[1] += row[f"{name}_bytes_down"]
                 row[f"{name}_cum_bytes_down"] = cum[1]
 

@@ -116,7 +116,7 @@ def make_evaluate(sim: Simulator, ev_ids: np.ndarray, *, personal_block: int = 1
         from fedkd_jax.engine.pool import HostPool
 
         return make_group_evaluate(sim, ev_ids, ev_data, personal_block=personal_block, seed=seed,
-                                   personal_clients=personal_clients, names=group_names,
+                                   personal_clients=personal_clients, names=group_names, pool=pool,
                                    host_pool=pool if isinstance(pool, HostPool) else None)
     global_eval = make_evaluator(algorithm.model.apply, ignore=tuple(sim.data.accuracy_ignore))
     personal = None
