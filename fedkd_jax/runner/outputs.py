@@ -127,10 +127,17 @@ def preload_plotting() -> None:
     threading.Thread(target=load, name="fedkd-preload-plotting", daemon=True).start()
 
 
+def _groups(row: dict[str, Any], suffix: str = "_test_accuracy") -> list[str]:
+    """Architecture-group names present in ``row`` (keys ``<group><suffix>``)."""
+    return sorted(k[: -len(suffix)] for k in row if k.endswith(suffix) and "proto" not in k and k != suffix[1:]
+                  and not k.startswith("cum"))
+
+
 def plot_accuracy(rows: list[dict[str, Any]], path: str, *, title: str = "") -> None:
     """Left: global (student) test accuracy with the p10-p90 band of per-client
-    accuracy, mean teacher accuracy when present, and train loss. Right:
-    cumulative megabytes uploaded and downloaded."""
+    accuracy, mean teacher accuracy when present, each architecture group's
+    test accuracy, and train loss. Right: cumulative megabytes uploaded and
+    downloaded (and uploaded per group)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +153,8 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str, *, title: str = "") -> 
                             alpha=0.2, label="global model on local tests, p10-p90")
         if all(r.get("teacher_acc_mean") is not None for r in ev):
             ax.plot(rr, [r["teacher_acc_mean"] for r in ev], "s--", ms=3, label="private teachers, local tests (mean)")
+        for g in _groups(ev[-1]):  # architecture groups: each group's models on the global test set
+            ax.plot(rr, [r.get(f"{g}_test_accuracy") for r in ev], ":", lw=1.2, label=f"{g}, test set")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -164,6 +173,8 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str, *, title: str = "") -> 
         rr = [r["round"] for r in rows]
         axb.plot(rr, [r["cum_bytes_up"] / 1e6 for r in rows], label="uploaded")
         axb.plot(rr, [r["cum_bytes_down"] / 1e6 for r in rows], label="downloaded")
+        for g in _groups(rows[-1], "_cum_bytes_up"):
+            axb.plot(rr, [r.get(f"{g}_cum_bytes_up", 0) / 1e6 for r in rows], ":", lw=1.2, label=f"{g} uploaded")
         axb.set_xlabel("round")
         axb.set_ylabel("cumulative MB")
         axb.grid(alpha=0.3)
