@@ -141,9 +141,11 @@ def fedmd(
                 err = jnp.mean(jnp.abs(model.apply(params, xb)[0] - target), axis=-1)
                 return masked_mean(err, where), {"digest_mae": masked_mean(err, where)}
 
-            n_digest = jnp.where(state.valid > 0, s, 0).astype(jnp.int32)
-            (params, opt), dm = train(digest_loss, cs.params, cs.opt_state, xs, state.consensus, n_digest, kd,
-                                      digest_epochs, digest_batch_size)
+            params, opt, dm = cs.params, cs.opt_state, {"digest_mae": jnp.float32(0)}
+            if digest_epochs > 0:  # 0: no digest (each participant alone, the paper's baseline)
+                n_digest = jnp.where(state.valid > 0, s, 0).astype(jnp.int32)
+                (params, opt), dm = train(digest_loss, params, opt, xs, state.consensus, n_digest, kd,
+                                          digest_epochs, digest_batch_size)
             (params, opt), metrics = scan_batches(
                 lambda c, xb, yb, w: _ce_step(ce, optimizer, c, xb, yb, w), (params, opt), data.x, data.y,
                 data.count, kr, batch_size=batch_size, epochs=local_epochs, steps=local_steps)
