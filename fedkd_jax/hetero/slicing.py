@@ -216,11 +216,15 @@ def dim_indices(spec: WidthSpec, round: jax.typing.ArrayLike) -> dict[str, jax.A
     """Per width dimension, the global indices ``[k]`` int32 the sub-model keeps this round.
 
     HeteroFL: ``0 .. k-1``. FedRolex: ``(start + j) mod n``, ``start = direction * round mod n``.
+    A window over the whole dimension (``k = n``) is ``0 .. n-1`` under both
+    rules: FedRolex's reference code would permute it (the same set; only
+    the order differs, which would reshuffle GroupNorm's groups), so a
+    full-width client trains exactly the global model, as under FedAvg.
     """
     out = {}
     for name, n, k in spec.dims:
         j = jnp.arange(k, dtype=jnp.int32)
-        if spec.rule == "heterofl":
+        if spec.rule == "heterofl" or k == n:
             out[name] = j
         else:
             start = jnp.mod(spec.direction * jnp.asarray(round, jnp.int32), n)
@@ -234,10 +238,12 @@ def _axis_index(axis: Axis, idx: jax.Array, n: int) -> jax.Array:
 
 
 def _leaf_indices(spec: WidthSpec, round: jax.typing.ArrayLike) -> list[tuple[jax.Array | None, ...]]:
+    """Per leaf, per axis: the global indices, or ``None`` where the axis is kept whole
+    (never sliced, or a full-width dimension: no gather or scatter at all)."""
     dims = dim_indices(spec, round)
-    n_of = {name: n for name, n, _ in spec.dims}
-    return [tuple(None if a is None else _axis_index(a, dims[a.dim], n_of[a.dim]) for a in ax)
-            for ax in spec.axes]
+    nk = {name: (n, k) for name, n, k in spec.dims}
+    return [tuple(None if a is None or nk[a.dim][0] == nk[a.dim][1] else _axis_index(a, dims[a.dim], nk[a.dim][0])
+                  for a in ax) for ax in spec.axes]
 
 
 def index_arrays(spec: WidthSpec, round: jax.typing.ArrayLike) -> Params:
@@ -274,25 +280,43 @@ def slice_params(global_params: Params, spec: WidthSpec, round: jax.typing.Array
     return jax.tree.unflatten(spec.treedef, out)
 
 
+def _positions(idx: jax.Array, size: int) -> jax.Array:
+    """``[size]`` int32: where each global index sits along the sub-model's axis; ``len(idx)``
+    (out of range) where the sub-model does not hold it."""
+    k = idx.shape[0]
+    return jnp.full((size,), k, jnp.int32).at[idx].set(jnp.arange(k, dtype=jnp.int32), unique_indices=True)
+
+
 def scatter(sub_tree: Params, spec: WidthSpec, round: jax.typing.ArrayLike) -> Params:
     """The adjoint of :func:`slice_params`: each sub-model leaf placed at its indices in a
-    zero array of the global shape (sub shapes -> global shapes)."""
+    zero array of the global shape (sub shapes -> global shapes).
+
+    Computed as a gather through the inverse index map (zero-filled where the
+    sub-model has no entry): only a ``[n]`` vector is scattered per axis, which
+    compiles faster than a scatter of the leaf and needs no atomics on a GPU.
+    """
     out = []
     for leaf, idx, shape in zip(_leaves(sub_tree, spec, spec.sub_shapes, "sub-model params"),
                                 _leaf_indices(spec, round), spec.global_shapes):
-        for a in reversed(range(len(idx))):
-            if idx[a] is not None:
-                full = leaf.shape[:a] + (shape[a],) + leaf.shape[a + 1:]
-                where = (slice(None),) * a + (idx[a],)
-                leaf = jnp.zeros(full, leaf.dtype).at[where].add(leaf, unique_indices=True)
+        for a, i in enumerate(idx):
+            if i is not None:
+                leaf = jnp.take(leaf, _positions(i, shape[a]), axis=a, mode="fill", fill_value=0)
         out.append(leaf)
     return jax.tree.unflatten(spec.treedef, out)
 
 
 def coverage(spec: WidthSpec, round: jax.typing.ArrayLike) -> Params:
-    """float32 global-shape mask: 1 where the sub-model holds the coordinate this round."""
-    ones = jax.tree.unflatten(spec.treedef, [jnp.ones(s, jnp.float32) for s in spec.sub_shapes])
-    return scatter(ones, spec, round)
+    """float32 global-shape mask: 1 where the sub-model holds the coordinate this round
+    (the outer product of one indicator per sliced axis)."""
+    out = []
+    for idx, shape in zip(_leaf_indices(spec, round), spec.global_shapes):
+        mask = jnp.ones((), jnp.float32)
+        for a, i in enumerate(idx):
+            if i is not None:
+                held = (_positions(i, shape[a]) < i.shape[0]).astype(jnp.float32)
+                mask = mask * held.reshape((-1,) + (1,) * (len(shape) - a - 1))
+        out.append(jnp.broadcast_to(mask, shape))
+    return jax.tree.unflatten(spec.treedef, out)
 
 
 def scatter_sum(sub_params: Params, spec: WidthSpec, round: jax.typing.ArrayLike, *,
