@@ -116,10 +116,6 @@ def flat(tree):
     return out
 
 
-def slice_ref(glob, maps):
-    return {p: g[np.ix_(*maps[p])] for p, g in glob.items()}
-
-
 def masked_average_ref(old, subs, maps, weights):
     """Per coordinate: weighted mean over the clients whose sub-model holds it, else the old value."""
     out = {}
@@ -221,9 +217,6 @@ def test_masked_aggregation_matches_per_coordinate_reference(kind, rule, directi
     glob, slices, subs, weights = population(kw, kind, rule, RATIOS, seed=11, direction=direction)
     for rnd in rounds:
         maps = [maps_fn(r, rule, rnd, direction=direction) for r in RATIOS]
-        # the hand-written index sets are what slice_params takes
-        for sub, m in zip(_slices(tuple(s.spec for s in slices), glob, jnp.int32(rnd)), maps):
-            assert_tree_close(sub, slice_ref(flat(glob), m), rtol=0, atol=0)
         new, _ = aggregate(glob, slices, subs, weights, rnd)
         ref = masked_average_ref(flat(glob), [flat(s) for s in subs], maps, weights)
         assert_tree_close(new, ref, rtol=2e-6, atol=1e-7)
@@ -362,14 +355,17 @@ ZOO = [
 
 @pytest.mark.parametrize("kind,kw", ZOO)
 def test_every_zoo_model_slices_to_its_scaled_model(kind, kw):
-    glob = rand_params(make_model(kind, **kw), 0)
+    """The index sets select, from the global leaves, arrays of the scaled model's shapes, each index
+    within range and distinct (slice_params itself is checked on mlp, cnn, femnist_cnn and char_lstm)."""
     s = cached_slice(kind, 0.5, "fedrolex", 1, tuple(kw.items()))
-    sub, idx = jax.jit(lambda g: (H.slice_params(g, s.spec, 3), H.index_arrays(s.spec, 3)))(glob)
-    idx = jax.tree.leaves(idx, is_leaf=lambda t: isinstance(t, tuple))
-    for (p, g), a, i in zip(flat(glob).items(), jax.tree.leaves(sub), idx):
-        np.testing.assert_array_equal(a, g[np.ix_(*map(np.asarray, i))], err_msg=str(p))
+    glob = jax.eval_shape(make_model(kind, **kw).init, jax.random.key(0))
     want = jax.eval_shape(s.model.init, jax.random.key(0))  # the sub-model make_model builds
-    assert jax.tree.map(jnp.shape, sub) == jax.tree.map(lambda x: x.shape, want)
+    idx = jax.tree.leaves(jax.jit(lambda: H.index_arrays(s.spec, 3))(), is_leaf=lambda t: isinstance(t, tuple))
+    for g, w, i in zip(jax.tree.leaves(glob), jax.tree.leaves(want), idx):
+        assert tuple(len(a) for a in i) == w.shape
+        for a, size in zip(i, g.shape):
+            a = np.asarray(a)
+            assert len(set(a.tolist())) == len(a) and a.min() >= 0 and a.max() < size
 
 
 def test_resnet_residual_ties():

@@ -250,8 +250,8 @@ def index_arrays(spec: WidthSpec, round: jax.typing.ArrayLike) -> Params:
     """Per leaf (the params' structure), a tuple with one index array per axis.
 
     Axis ``a`` of the sub-model's leaf is ``global_leaf[..., idx[a], ...]``;
-    an axis that is never sliced gets ``arange(size)``. Together:
-    ``sub = global[np.ix_(*idx)]``.
+    an axis kept whole (never sliced, or a full-width dimension) gets
+    ``arange(size)``. Together: ``sub = global[np.ix_(*idx)]``.
     """
     leaves = [tuple(jnp.arange(size, dtype=jnp.int32) if i is None else i for i, size in zip(idx, shape))
               for idx, shape in zip(_leaf_indices(spec, round), spec.global_shapes)]
