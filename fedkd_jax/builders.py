@@ -135,6 +135,8 @@ ALGORITHM_BUILDERS: dict[str, Callable[[Config, Model, FederatedData], alg_lib.F
     "fd": _hetero,  # heterogeneous clients: fedkd_jax.hetero
     "fedproto": _hetero,
     "fedmd": _hetero,
+    "heterofl": _hetero,
+    "fedrolex": _hetero,
 }
 
 

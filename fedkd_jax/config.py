@@ -73,10 +73,10 @@ class DataConfig:
 class GroupConfig:
     """One architecture group of a heterogeneous population (``model.groups``)."""
 
-    kind: str = "mlp"  # any model.kind
+    kind: Optional[str] = None  # any model.kind (unset: model.kind; heterofl/fedrolex: must be model.kind)
     hidden: Optional[List[int]] = None  # mlp widths / cnn dense width (unset: model.hidden)
     channels: Optional[List[int]] = None  # cnn conv channels (unset: model.channels)
-    width: float = 1.0  # reference models: width multiplier
+    width: float = 1.0  # multiplier of every hidden width (heterofl/fedrolex: the sub-model's ratio, in (0, 1])
     share: Optional[float] = None  # share of the population (groups with shares sum to 1)
     clients: Optional[List[int]] = None  # or explicit client ids
     name: Optional[str] = None  # label in metrics and plots (default g0, g1, ...)

@@ -28,7 +28,7 @@ from fedkd_jax.algorithms.optimizers import (
     server_settings,
 )
 
-ALGORITHMS = ("fedavg", "fedprox", "fedkd", "server_teacher_kd", "feddf", "fd", "fedproto", "fedmd")
+ALGORITHMS = ("fedavg", "fedprox", "fedkd", "server_teacher_kd", "feddf", "fd", "fedproto", "fedmd", "heterofl", "fedrolex")
 
 __all__ = [
     "ADAPTIVE_FORMS",

@@ -15,9 +15,12 @@ from fedkd_jax.errors import ConfigError
 # algorithms whose clients may differ in architecture, and what each group entry describes
 HETERO_ALGORITHMS = {"fd": "the client's model", "fedproto": "the client's model", "fedmd": "the client's model",
                      "fedkd": "the client's private teacher (model.kind is the shared student)",
-                     "feddf": "the group's prototype model (one per group, fused by ensemble distillation)"}
+                     "feddf": "the group's prototype model (one per group, fused by ensemble distillation)",
+                     "heterofl": "a width ratio of the global model.kind (leading channels)",
+                     "fedrolex": "a width ratio of the global model.kind (a rolling window of channels)"}
+WIDTH_ALGORITHMS = ("heterofl", "fedrolex")
 # algorithms that only run with groups (no shared model to fall back on)
-GROUPS_ONLY = ("fd", "fedproto", "fedmd")
+GROUPS_ONLY = ("fd", "fedproto", "fedmd", "heterofl", "fedrolex")
 
 
 def check_groups(cfg) -> None:
@@ -38,10 +41,21 @@ def check_groups(cfg) -> None:
     shares = [g.share for g in groups]
     for i, g in enumerate(groups):
         where = f"model.groups[{i}]"
-        if g.kind not in MODELS:
+        if g.kind is not None and g.kind not in MODELS:
             raise ConfigError(f"{where}.kind", f"unknown model {g.kind!r}; allowed: {', '.join(MODELS)}")
         if not (math.isfinite(g.width) and g.width > 0):
             raise ConfigError(f"{where}.width", f"must be > 0; got {g.width}")
+        if alg in WIDTH_ALGORITHMS:
+            if g.kind not in (None, cfg.model.kind) or g.hidden is not None or g.channels is not None:
+                raise ConfigError(f"{where}", f"{alg} slices one global model (model.kind={cfg.model.kind}); a "
+                                              "group gives only its width ratio (and share or clients)")
+            if g.width > 1:
+                raise ConfigError(f"{where}.width", f"{alg}: a sub-model's width ratio is in (0, 1]; got {g.width}")
+            from fedkd_jax.hetero.slicing import SLICEABLE
+
+            if cfg.model.kind not in SLICEABLE:
+                raise ConfigError("model.kind", f"{alg} cannot slice {cfg.model.kind}; allowed: "
+                                                f"{', '.join(SLICEABLE)}")
         for j, h in enumerate(g.hidden or []):
             if not (isinstance(h, int) and h > 0):
                 raise ConfigError(f"{where}.hidden[{j}]", f"must be a positive integer; got {h!r}")
@@ -82,12 +96,18 @@ def group_models(cfg, data, *, teacher: bool = False) -> list:
     m = cfg.model
     if not m.groups:
         return []
+    from fedkd_jax.models.vision import scaled
+
     out = []
     for g in m.groups:
-        out.append(make_model(g.kind, num_features=data.num_features, num_classes=data.num_classes,
-                              hidden=g.hidden if g.hidden is not None else m.hidden,
-                              channels=g.channels if g.channels is not None else m.channels,
-                              image_shape=data.image_shape, width=g.width))
+        kind = g.kind or m.kind
+        hidden = list(g.hidden if g.hidden is not None else m.hidden)
+        channels = list(g.channels if g.channels is not None else m.channels)
+        width = g.width
+        if kind in ("mlp", "cnn") and width != 1.0:  # their widths are listed: scale them
+            hidden, channels, width = [scaled(h, width) for h in hidden], [scaled(c, width) for c in channels], 1.0
+        out.append(make_model(kind, num_features=data.num_features, num_classes=data.num_classes, hidden=hidden,
+                              channels=channels, image_shape=data.image_shape, width=width))
     return out
 
 
@@ -135,6 +155,17 @@ def build_hetero(cfg, model, data):
         teacher_opt = alg_lib.client_optimizer(k.teacher_optimizer, lr=k.teacher_lr, momentum=c.momentum)
         return grouped([alg_lib.fedkd(model, t, client_opt, teacher_opt, server_opt, temperature=k.temperature,
                                       **local) for t in group_models(cfg, data, teacher=True)], name="fedkd")
+    if cfg.algorithm in WIDTH_ALGORITHMS:
+        from fedkd_jax.builders import _common, client_weighting
+        from fedkd_jax.hetero.heterofl import width_sliced
+
+        client_opt, server_opt, local, _ = _common(cfg)
+        m = cfg.model
+        ratios = [g.width for g in m.groups] or [1.0]
+        return width_sliced(m.kind, ratios, client_opt, server_opt, rule=cfg.algorithm,
+                            uniform=client_weighting(cfg) == "uniform", num_features=data.num_features,
+                            num_classes=data.num_classes, hidden=m.hidden, channels=m.channels,
+                            image_shape=data.image_shape, width=m.width, **local)
     if cfg.algorithm == "feddf":
         from fedkd_jax.builders import _common
         from fedkd_jax.hetero.feddf import feddf_hetero

@@ -9,7 +9,8 @@ For each group ``g`` (named ``g0``, ``g1``, ... or by ``model.groups[g].name``):
 * ``{g}_test_accuracy``: the mean accuracy of those models on the global test
   set, over the first ``global_clients`` of that sample (each model sees every
   global test row);
-* FedDF across architectures (a model per group): ``{g}_test_accuracy`` and
+* a model per group (FedDF across architectures; HeteroFL and FedRolex: the
+  group's sub-model of the global model): ``{g}_test_accuracy`` and
   ``{g}_local_acc_*`` are the group model's, on the global test set and on
   its clients' local tests; ``test_accuracy`` weights the groups by their
   population shares;
@@ -65,7 +66,7 @@ def make_group_evaluate(sim, ev_ids: np.ndarray, ev_data, *, personal_block: int
     groups = alg.groups
     names = list(names or []) or [f"g{i}" for i in range(len(groups))]
     member = sim.layout.membership if sim.layout is not None else np.zeros(sim.num_clients, np.int32)
-    has_global = alg.model_params(sim._abstract.server) is not None
+    has_global = jax.eval_shape(alg.model_params, sim._abstract.server) is not None
     global_eval = make_evaluator(alg.model.apply, ignore=tuple(sim.data.accuracy_ignore)) if has_global else None
     sample = np.asarray(ev_ids)[eval_clients(len(ev_ids), personal_clients, seed)]
     gx, gy = ev_data.global_x, ev_data.global_y
@@ -73,7 +74,7 @@ def make_group_evaluate(sim, ev_ids: np.ndarray, ev_data, *, personal_block: int
     proto = alg.name == "fedproto"
     per_group = []
     for g, view in enumerate(groups):
-        if not has_global and view.model_params(sim._abstract.server) is not None:
+        if view.personal_model is None and jax.eval_shape(view.model_params, sim._abstract.server) is not None:
             # a model per group (FedDF across architectures): evaluated like a global model, on the
             # global test set and on the local tests of the group's clients
             ids = np.asarray(ev_ids)[member[np.asarray(ev_ids)] == g]
@@ -122,7 +123,8 @@ def make_group_evaluate(sim, ev_ids: np.ndarray, ev_data, *, personal_block: int
             out["group_acc_spread"] = max(group_test) - min(group_test)
         local_all = np.concatenate(pooled_local) if pooled_local else np.zeros(0)
         if has_global:
-            out.update(summarize_clients(local_all, prefix="teacher_acc"))
+            if any(v.personal_model is not None for v in groups):
+                out.update(summarize_clients(local_all, prefix="teacher_acc"))
         else:
             if weights:  # a model per group: their accuracies weighted by the groups' population shares
                 out["test_accuracy"] = float(np.dot(weights, group_test) / np.sum(weights))
