@@ -93,9 +93,12 @@ def width_cells(seeds, rounds):
 def table_cells(seeds, rounds, methods):
     common = BASE + ["data.num_clients=50", "run.cohort_size=10", f"run.rounds={rounds}", "data.proxy_fraction=0.1"]
     extra = {"fedproto": ["model.proto_dim=32"], "fedkd": ["model.hidden=[32]"], "fedmd": ["distill.public_subset=150"]}
+    widths = ["model.kind=cnn", "model.hidden=[64]", "model.channels=[16, 32]",
+              "model.groups=[{width: 0.25, share: 0.4}, {width: 0.5, share: 0.3}, {width: 1.0, share: 0.3}]"]
     for s in seeds:
         for m in methods:
-            yield {"method": m, "seed": s}, common + [f"algorithm={m}", THREE, f"run.seed={s}"] + extra.get(m, [])
+            groups = widths if m in ("heterofl", "fedrolex") else [THREE]
+            yield {"method": m, "seed": s}, common + [f"algorithm={m}", f"run.seed={s}"] + groups + extra.get(m, [])
 
 
 def main(argv=None):
@@ -134,7 +137,8 @@ def main(argv=None):
         write_markdown(os.path.join(results, "table", "summary.md"), "Every heterogeneous method, three groups",
                        summarize(rows, ["method"], cols), ["method"], cols,
                        note="groups: g0 mlp 64-32, g1 mlp 64-128-128, g2 cnn 16/32 + dense 64 (shares 0.4/0.3/0.3); "
-                            "fedkd: the groups are the private teachers of an mlp-32 student")
+                            "fedkd: the groups are the private teachers of an mlp-32 student; heterofl and fedrolex: "
+                            "widths 1/4, 1/2, 1 of that cnn (g0, g1, g2)")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,68 @@ def test_feddf_across_architectures_averages_within_each_group(pop):
         np.testing.assert_allclose(np.asarray(st.server.params[g]["head"]["bias"]), b0 + num_b / total, atol=2e-5)
 
 
+def _numpy_mlp_step(w1, b1, w2, b2, x, y, lr):
+    """One full-batch SGD step of mean cross-entropy on a one-hidden-layer ReLU MLP, by hand."""
+    h = np.maximum(x @ w1 + b1, 0)
+    z = h @ w2 + b2
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    dz = p / len(y)
+    dh = (dz @ w2.T) * (h > 0)
+    return -lr * (x.T @ dh), -lr * dh.sum(0), -lr * (h.T @ dz), -lr * dz.sum(0)
+
+
+@pytest.mark.parametrize("rule", ["heterofl", "fedrolex"])
+def test_width_sliced_rounds_equal_a_numpy_masked_average(pop, rule):
+    """Widths 1 and 1/2 of an MLP 64-8-10, one full-batch step per client, two rounds: the global
+    model by hand (sub-model indices written out, count-weighted per coordinate)."""
+    from fedkd_jax.hetero.heterofl import width_sliced
+
+    member = assign_groups(12, [0.5, 0.5], seed=0)
+    alg = width_sliced("mlp", [1.0, 0.5], optax.sgd(0.1), optax.sgd(1.0), rule=rule, batch_size=1000,
+                       num_features=64, num_classes=10, hidden=(8,))
+    sim = fk.Simulator(alg, pop, cohort_size=6, mesh=fk.client_mesh(2), groups=member)
+    st = sim.put_state(sim.init(0))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(st.server.params))
+    w1, b1, w2, b2 = p["hidden"][0]["kernel"], p["hidden"][0]["bias"], p["head"]["kernel"], p["head"]["bias"]
+    for r in range(2):
+        ids = sim.plan(st.key, r, 1).ids[0]
+        ids = ids[ids < 12]
+        sums = [np.zeros_like(w1), np.zeros_like(b1), np.zeros_like(w2), np.zeros_like(b2)]
+        cnts = [np.zeros_like(w1), np.zeros_like(b1), np.zeros_like(w2), np.zeros_like(b2)]
+        for i in ids:
+            rows = pop.client_rows(int(i))
+            x, y, n = pop.x[rows].astype(np.float64), pop.y[rows], len(rows)
+            k = 8 if member[i] == 0 else 4
+            idx = np.arange(k) if (rule == "heterofl" or k == 8) else (r + np.arange(k)) % 8
+            d = _numpy_mlp_step(w1[:, idx], b1[idx], w2[idx], b2, x, y, 0.1)
+            for s_, c_, sl, dv in zip(sums, cnts, [np.s_[:, idx], np.s_[idx], np.s_[idx], np.s_[:]], d):
+                s_[sl] += n * dv
+                c_[sl] += n
+        w1, b1, w2, b2 = [v + np.where(c > 0, s_ / np.maximum(c, 1), 0) for v, s_, c in
+                          zip((w1, b1, w2, b2), sums, cnts)]
+        st, _ = sim.run(st, sim.put_data(), 1)
+        got = jax.device_get(st.server.params)
+        for want, have in zip((w1, b1, w2, b2), (got["hidden"][0]["kernel"], got["hidden"][0]["bias"],
+                                                 got["head"]["kernel"], got["head"]["bias"])):
+            np.testing.assert_allclose(have, want, atol=2e-5, err_msg=f"round {r}")
+
+
+def test_every_width_one_is_fedavg(pop):
+    from fedkd_jax.hetero.heterofl import width_sliced
+
+    model = _mlp((8,))
+    avg = fk.fedavg(model, optax.sgd(0.1), optax.sgd(1.0), batch_size=5)
+    het = width_sliced("mlp", [1.0], optax.sgd(0.1), optax.sgd(1.0), rule="heterofl", batch_size=5,
+                       num_features=64, num_classes=10, hidden=(8,))
+    a, b = _run(avg, pop, None), _run(het, pop, np.zeros(12, np.int32))
+    for x, y in zip(jax.tree.leaves(a[0].server.params), jax.tree.leaves(b[0].server.params)):
+        # the same arithmetic up to XLA's fusion of the masked division (float32 rounding)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b[2]["train_loss"], a[2]["train_loss"], rtol=1e-5)
+
+
 def test_fedproto_needs_a_shared_prototype_width():
     with pytest.raises(ConfigError, match="model.proto_dim"):
         fedproto([_mlp((8,)), _mlp((16,))], optax.sgd(0.1), num_classes=10, batch_size=5)
@@ -227,6 +289,10 @@ GROUPS = "model.groups=[{kind: mlp, hidden: [8], share: 0.5}, {kind: cnn, hidden
     (["algorithm=fedavg", GROUPS], "model.groups"),
     (["algorithm=fd", GROUPS, "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0"], "privacy"),
     (["algorithm=fedproto", GROUPS, "compression.method=topk"], "compression.method"),
+    (["algorithm=heterofl", "model.groups=[{width: 1.5, share: 1.0}]"], "model.groups[0].width"),
+    (["algorithm=fedrolex", GROUPS], "model.groups[0]"),
+    (["algorithm=heterofl", "model.groups=[{width: 0.5, share: 1.0}]", "secagg.enabled=true"], "secagg.enabled"),
+    (["algorithm=fedmd", "data.proxy_fraction=0", GROUPS], "data.proxy_fraction"),
 ])
 def test_bad_group_configs_fail_before_anything_runs(sets, field):
     with pytest.raises(ConfigError) as e:

@@ -156,14 +156,14 @@ def build_hetero(cfg, model, data):
         return grouped([alg_lib.fedkd(model, t, client_opt, teacher_opt, server_opt, temperature=k.temperature,
                                       **local) for t in group_models(cfg, data, teacher=True)], name="fedkd")
     if cfg.algorithm in WIDTH_ALGORITHMS:
-        from fedkd_jax.builders import _common, client_weighting
+        from fedkd_jax.builders import _common
         from fedkd_jax.hetero.heterofl import width_sliced
 
         client_opt, server_opt, local, _ = _common(cfg)
         m = cfg.model
         ratios = [g.width for g in m.groups] or [1.0]
         return width_sliced(m.kind, ratios, client_opt, server_opt, rule=cfg.algorithm,
-                            uniform=client_weighting(cfg) == "uniform", num_features=data.num_features,
+                            num_features=data.num_features,
                             num_classes=data.num_classes, hidden=m.hidden, channels=m.channels,
                             image_shape=data.image_shape, width=m.width, **local)
     if cfg.algorithm == "feddf":

@@ -17,9 +17,10 @@ FedAvg) and uploads the delta. The server then
    homogeneous :mod:`~fedkd_jax.algorithms.feddf`).
 
 The uploads cross the groups in one fixed-shape payload: a slot per group's
-parameters, where a client fills its own group's slot with its
-example-weighted delta (zeros elsewhere) plus its weight in that slot, so
-one all-reduce sums every group's FedAvg numerator and denominator. Each
+parameters, where a client fills its own group's slot with its delta (zeros
+elsewhere) and a 1 in that group's indicator; the engine's mean weighs both
+by the client's example count, so one all-reduce sums every group's FedAvg
+numerator and denominator. Each
 client is charged only its own delta's bytes. The ensemble's logits are
 computed from each client's trained model as the server would compute them
 from the upload (this costs no upload).
@@ -128,14 +129,15 @@ def feddf_hetero(
         def client_update(bcast, cs, data, key) -> ClientOutput:
             state, sdata = bcast
             out = base.client_update(state.params[g], cs, data, key)
-            w = out.weight
-            deltas = tuple(jax.tree.map(lambda d: w * d, out.update) if h == g else
+            # the engine's mean weighs the slots by the client's weight (example count), so each
+            # group's mean delta is deltas[g] / w[g]
+            deltas = tuple(out.update if h == g else
                            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[h]) for h in range(n))
-            ws = jnp.zeros((n,)).at[g].set(w)
+            ws = jnp.zeros((n,)).at[g].set(1.0)
             trained = jax.tree.map(jnp.add, state.params[g], out.update)
             logits = model.apply(trained, sdata["proxy"])[0]
-            sent = (w > 0).astype(jnp.float32)
-            return ClientOutput({"deltas": deltas, "w": ws}, sent, cs, out.metrics,
+            sent = (out.weight > 0).astype(jnp.float32)
+            return ClientOutput({"deltas": deltas, "w": ws}, out.weight, cs, out.metrics,
                                 upload_bytes=tree_bytes(out.update), aux=logits, aux_weight=sent)
 
         return FederatedAlgorithm(

@@ -23,7 +23,8 @@ GroupNorm), so HeteroFL's static batch norm is not needed: a sub-model
 normalises over its own channels. The reference codes' masking of the output
 layer to each client's labels is not applied. Both reference codes weight
 every client 1; here the weight is the client's example count (FedAvg's),
-which ``client.weighting=uniform`` turns into 1.
+which ``client.weighting=uniform`` turns into 1 (the engine's mean weighs
+both parts of the payload, so their ratio is the weighted average).
 
 Each client is charged its sub-model's size, up and down.
 """
@@ -62,13 +63,11 @@ def width_sliced(
     batch_size: int,
     local_epochs: int = 1,
     local_steps: int | None = None,
-    uniform: bool = False,
     **model_kwargs,
 ) -> FederatedAlgorithm:
     """HeteroFL (``rule="heterofl"``) or FedRolex (``rule="fedrolex"``) over groups of width ``ratios[g]``.
 
     ``model_kwargs`` describe the global (full-width) model, as for ``make_model``.
-    ``uniform``: every contributing client weighs 1 (the reference codes), not its example count.
     """
     from fedkd_jax.models import make_model
 
@@ -94,10 +93,12 @@ def width_sliced(
         def client_update(state: WidthState, cs, data, key) -> ClientOutput:
             params = slice_params(state.params, spec, state.round)
             out = sub_base.client_update(params, cs, data, key)
-            w = (out.weight > 0).astype(jnp.float32) if uniform else out.weight
-            sums, counts = scatter_sum(out.update, spec, state.round, weight=w)
-            return ClientOutput({"sums": sums, "counts": counts}, (out.weight > 0).astype(jnp.float32), cs,
-                                out.metrics, upload_bytes=tree_bytes(out.update))
+            # unit weight here: the engine's mean weighs both parts by the client's weight (its
+            # example count, or 1 with client.weighting=uniform), so their ratio is the
+            # weighted average of each coordinate over the clients that trained it
+            sums, counts = scatter_sum(out.update, spec, state.round)
+            return ClientOutput({"sums": sums, "counts": counts}, out.weight, cs, out.metrics,
+                                upload_bytes=tree_bytes(out.update))
 
         sub_bytes = tree_bytes(jax.eval_shape(sub.init, jax.random.key(0)))
         return FederatedAlgorithm(
