@@ -28,8 +28,9 @@ so the only one whose store matters) in full (devices 1 / 2 x compression
 none / svd x group 1 / 2 / 4 x store device / host / disk, the three stores
 sharing one compiled program), and every other algorithm with svd on 2
 devices (group 1 / 2) and without compression on 1 device (group 1 / 4).
-``FEDKD_FULL_GROUP_MATRIX=1`` runs the full product for every algorithm
-(60 programs).
+Two architecture-group methods (fd, heterofl) run on 2 devices at group 1
+and 2 with two groups. ``FEDKD_FULL_GROUP_MATRIX=1`` runs the full product
+for every homogeneous algorithm and every heterogeneous one.
 """
 
 from __future__ import annotations
@@ -61,10 +62,29 @@ BASE = [
 ]
 
 
+# Architecture groups (fedkd_jax.hetero): two groups, each its own vmapped batch inside the round.
+# One logit method and one width method stand for their families (fedproto and fedmd share fd's
+# path, fedrolex heterofl's) unless the full matrix is asked for.
+HETERO = {
+    "fd": ["model.groups=[{kind: mlp, hidden: [40], share: 0.5}, {kind: mlp, hidden: [24, 24], share: 0.5}]"],
+    "fedproto": ["model.groups=[{kind: mlp, hidden: [40], share: 0.5}, {kind: mlp, hidden: [24], share: 0.5}]",
+                 "model.proto_dim=16"],
+    "fedmd": ["model.groups=[{kind: mlp, hidden: [40], share: 0.5}, {kind: mlp, hidden: [24], share: 0.5}]",
+              "distill.public_subset=16"],
+    "heterofl": ["model.groups=[{width: 1.0, share: 0.5}, {width: 0.5, share: 0.5}]"],
+    "fedrolex": ["model.groups=[{width: 1.0, share: 0.5}, {width: 0.5, share: 0.5}]"],
+}
+HETERO_DEFAULT = ("fd", "heterofl")
+
+
 def matrix(algorithms, full: bool):
     """``[(algorithm, compression, devices, groups)]``: the cells, each with its group-size-1 reference."""
     cells = []
     for alg in algorithms:
+        if alg in HETERO:  # no compression (the width methods refuse it), two devices, groups of 2
+            if full or alg in HETERO_DEFAULT:
+                cells.append((alg, "none", 2, (1, 2)))
+            continue
         if full or alg == "fedkd":
             cells += [(alg, comp, d, GROUPS) for comp in ("none", "svd") for d in (1, 2)]
         else:
@@ -165,10 +185,11 @@ def _worker(cells) -> None:  # pragma: no cover - runs in the subprocess
     data = None
     for alg_name, comp, devices, groups in cells:
         watch(f"build {alg_name} compression={comp} devices={devices}")
-        cfg = resolve_defaults(load_config(None, [f"algorithm={alg_name}", f"compression.method={comp}", *BASE]))
+        cfg = resolve_defaults(load_config(None, [f"algorithm={alg_name}", f"compression.method={comp}", *BASE,
+                                                  *HETERO.get(alg_name, [])]))
         data = build_data(cfg) if data is None else data  # the same data for every cell
         alg = build_algorithm(cfg, build_model(cfg, data), data)
-        stores = STORES if alg.init_client is not None else ("device",)
+        stores = STORES if alg_name == "fedkd" else ("device",)  # the store path is the same for all
         refs = {}
         for g in groups:
             c = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, group_size=str(g)))

@@ -127,6 +127,38 @@ def test_fd_server_logits_are_numpy_per_label_means(pop):
     assert np.array_equal(np.asarray(st.server.valid) > 0, have)
 
 
+def test_fd_clipping_applies_to_the_per_label_upload(pop):
+    """DP's clip acts on what FD uploads (logit sums and counts, one vector per client)."""
+    from fedkd_jax.aggregation import chain, mean
+    from fedkd_jax.privacy import gaussian
+
+    models = [_mlp((8,)), _mlp((16, 16))]
+    member = assign_groups(12, [0.5, 0.5], seed=0)
+    alg = fd(models, optax.sgd(0.0), num_classes=10, batch_size=5)
+    clip = 5.0
+    agg = chain(gaussian(0.0, clip, expected_clients=6.0), mean("examples"))
+    sim = fk.Simulator(alg, pop, cohort_size=6, mesh=fk.client_mesh(2), groups=member, aggregator=agg)
+    st = sim.put_state(sim.init(0))
+    st, _ = sim.run(st, sim.put_data(), 1)
+    ids, rows = _cohort_rows(sim, pop, st.key)
+    states = sim.client_states(st.key, ids)
+    sums, counts = np.zeros((10, 10)), np.zeros(10)
+    for j, (i, r) in enumerate(zip(ids, rows)):
+        g = member[i]
+        params = jax.tree.map(lambda a: a[j], states[g].params)
+        logits = np.asarray(models[g].apply(params, pop.x[r])[0], np.float64)
+        s_c, n_c = np.zeros((10, 10)), np.zeros(10)
+        for row, label in zip(logits, pop.y[r]):
+            s_c[label] += row
+            n_c[label] += 1
+        f = min(1.0, clip / np.sqrt(np.sum(s_c**2) + np.sum(n_c**2)))  # the joint L2 clip
+        assert f < 1  # the clip binds
+        sums += f * s_c
+        counts += f * n_c
+    have = counts > 0
+    np.testing.assert_allclose(np.asarray(st.server.logits)[have], (sums[have].T / counts[have]).T, atol=1e-4)
+
+
 def test_fedproto_prototypes_are_numpy_count_weighted_class_means(pop):
     models = [_mlp((8,)), _mlp((16,))]  # feature widths 8 and 16: projected to 6
     member = assign_groups(12, [0.5, 0.5], seed=0)
@@ -287,8 +319,10 @@ GROUPS = "model.groups=[{kind: mlp, hidden: [8], share: 0.5}, {kind: cnn, hidden
     (["algorithm=fd", "model.groups=[{kind: mlp, share: 0.5, clients: [1]}, {kind: mlp, share: 0.5}]"],
      "model.groups[0]"),
     (["algorithm=fedavg", GROUPS], "model.groups"),
-    (["algorithm=fd", GROUPS, "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0"], "privacy"),
-    (["algorithm=fedproto", GROUPS, "compression.method=topk"], "compression.method"),
+    (["algorithm=fedrolex", "model.groups=[{width: 0.5, share: 1.0}]", "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0"], "privacy"),
+    (["algorithm=fd", GROUPS, "compression.downlink=topk"], "compression.downlink"),
+    (["algorithm=feddf", "data.proxy_fraction=0.1", GROUPS, "compression.method=quant8"], "compression.method"),
+
     (["algorithm=heterofl", "model.groups=[{width: 1.5, share: 1.0}]"], "model.groups[0].width"),
     (["algorithm=fedrolex", GROUPS], "model.groups[0]"),
     (["algorithm=heterofl", "model.groups=[{width: 0.5, share: 1.0}]", "secagg.enabled=true"], "secagg.enabled"),

@@ -19,6 +19,9 @@ HETERO_ALGORITHMS = {"fd": "the client's model", "fedproto": "the client's model
                      "heterofl": "a width ratio of the global model.kind (leading channels)",
                      "fedrolex": "a width ratio of the global model.kind (a rolling window of channels)"}
 WIDTH_ALGORITHMS = ("heterofl", "fedrolex")
+# clients keep their own models and upload per-class sums or logits: DP, secure aggregation and
+# compression apply to those uploads
+OWN_MODEL_ALGORITHMS = ("fd", "fedproto", "fedmd")
 # algorithms that only run with groups (no shared model to fall back on)
 GROUPS_ONLY = ("fd", "fedproto", "fedmd", "heterofl", "fedrolex")
 
@@ -33,7 +36,9 @@ def check_groups(cfg) -> None:
         raise ConfigError("data.proxy_fraction", "fedmd trains on a public set: set data.proxy_fraction in (0, 1) "
                                                  "(labeled held-out rows), or name an out-of-domain data.proxy with "
                                                  "distill.public_epochs=0")
-    if not groups:  # fd / fedproto / fedmd without groups: one group of model.kind
+    if not groups:  # fd / fedproto / fedmd / heterofl / fedrolex without groups: one group of model.kind
+        if alg in GROUPS_ONLY:
+            _check_mechanisms(cfg, alg)
         return
     if alg not in HETERO_ALGORITHMS:
         raise ConfigError("model.groups", f"{alg} trains one shared architecture; heterogeneous groups run with "
@@ -73,16 +78,27 @@ def check_groups(cfg) -> None:
                                           f"({', '.join(f'{s:g}' for s in given)})")
     if cfg.client.straggler_fraction > 0:
         raise ConfigError("client.straggler_fraction", "stragglers are not simulated with model.groups; use 0")
-    if alg in GROUPS_ONLY + ("feddf",):
-        from fedkd_jax.settings import compression_method, downlink_method, dp_enabled
+    _check_mechanisms(cfg, alg)
 
+
+def _check_mechanisms(cfg, alg: str) -> None:
+    """What DP, secure aggregation and compression apply to, per method (see the README)."""
+    from fedkd_jax.settings import compression_method, downlink_method, dp_enabled
+
+    if alg in OWN_MODEL_ALGORITHMS:  # the upload is per-class sums (or logits): clip, noise, mask, compress it
+        if downlink_method(cfg) != "none":
+            raise ConfigError("compression.downlink", f"{alg} has no global model to compress on its way down; "
+                                                      "use none")
+        return
+    if alg in WIDTH_ALGORITHMS or (alg == "feddf" and cfg.model.groups):
         if dp_enabled(cfg) or cfg.secagg.enabled or cfg.privacy.clip_norm is not None:
-            raise ConfigError("privacy" if not cfg.secagg.enabled else "secagg.enabled",
-                              f"{alg} with differential privacy or secure aggregation is not supported yet: its "
-                              "uploads are per-class sums and counts, whose sensitivity the mechanism would need")
+            raise ConfigError("secagg.enabled" if cfg.secagg.enabled else "privacy",
+                              f"{alg} over groups uploads a sub-model scattered into the global shape with its "
+                              "coverage mask (or a group's slot of every group's model): clipping and noising "
+                              "that payload is not the papers' mechanism and is not supported")
         if compression_method(cfg) != "none" or downlink_method(cfg) != "none":
-            raise ConfigError("compression.method", f"{alg} with model.groups uploads per-class values or a "
-                                                    "group's model: set compression.method=none and downlink=none")
+            raise ConfigError("compression.method", f"{alg} over groups: compressing a scattered sub-model and its "
+                                                    "coverage mask is not supported; use none")
 
 
 def group_names(cfg) -> list[str]:

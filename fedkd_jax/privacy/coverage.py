@@ -39,15 +39,23 @@ RULES: tuple[tuple[str, bool, str], ...] = (
 )
 
 
-def covered(name: str) -> bool:
-    """Whether the DP guarantee covers the logged value ``name`` (unknown names: not covered)."""
-    for prefix, ok, _ in RULES:
+# Methods whose evaluated models are the clients' own (FD, FedProto, FedMD): what the server
+# releases is the noised per-class sums or logits, while test_* scores models each client trained
+# on its raw data and never released.
+OWN_MODELS = (("test_", False, "the clients' own models (trained on their raw data, never released)"),)
+
+
+def covered(name: str, *, own_models: bool = False) -> bool:
+    """Whether the DP guarantee covers the logged value ``name`` (unknown names: not covered).
+    ``own_models``: the run evaluates the clients' own models, not a released global model."""
+    for prefix, ok, _ in (OWN_MODELS if own_models else ()) + RULES:
         if name.startswith(prefix):
             return ok
     return False
 
 
-def split(names: Iterable[str]) -> dict[str, list[str]]:
+def split(names: Iterable[str], *, own_models: bool = False) -> dict[str, list[str]]:
     """``{"covered": [...], "analyst_only": [...]}`` for the logged columns ``names``."""
     names = list(dict.fromkeys(names))
-    return {"covered": [n for n in names if covered(n)], "analyst_only": [n for n in names if not covered(n)]}
+    ok = {n: covered(n, own_models=own_models) for n in names}
+    return {"covered": [n for n in names if ok[n]], "analyst_only": [n for n in names if not ok[n]]}

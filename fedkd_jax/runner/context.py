@@ -291,7 +291,9 @@ class RunContext:
             final["epsilon"] = self.accountant.epsilon_at(self.done)
             final["delta"] = self.accountant.delta
             final["epsilon_relation"] = self.accountant.relation
-            columns = split(k for row in self.log.rows for k in row)
+            from fedkd_jax.hetero.build import OWN_MODEL_ALGORITHMS
+
+            columns = split((k for row in self.log.rows for k in row), own_models=cfg.algorithm in OWN_MODEL_ALGORITHMS)
             final["privacy_analyst_only"] = columns["analyst_only"]
             final["noise_from_seed"] = not cfg.privacy.secure_noise
             if self.primary:  # which logged columns epsilon covers, for whoever publishes them
