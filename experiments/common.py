@@ -95,7 +95,7 @@ def run_grid(name: str, cells: Iterable[tuple[dict[str, Any], list[str]]], *, re
     results = results_dir or os.path.join(HERE, "results", name)
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # cells may differ
         w.writeheader()
         w.writerows(rows)
     return rows

@@ -118,9 +118,14 @@ def main(argv=None):
     if "bytes" in parts:
         rows = run_grid(f"{NAME}-bytes", bytes_cells(seeds, 20 if quick else 100), extract=group_metrics(None),
                         results_dir=os.path.join(results, "bytes"))
-        cols = ["student_accuracy", "client_accuracy_mean", "total_bytes_up", "seconds_per_round"]
+        cols = ["student_accuracy", "client_accuracy_mean", "g0_proto_test_accuracy", "g1_proto_test_accuracy",
+                "g2_proto_test_accuracy", "total_bytes_up", "seconds_per_round"]
         write_markdown(os.path.join(results, "bytes", "summary.md"), "FD and FedProto: accuracy against bytes",
-                       summarize(rows, ["method"], cols), ["method"], cols)
+                       summarize(rows, ["method"], cols), ["method"], cols,
+                       note="student_accuracy: fd / fedproto: the clients' own models on the global test set (mean "
+                            "over evaluated clients); fedavg: the global model. client_accuracy_mean: the same models "
+                            "on the clients' local tests. g<i>_proto_test_accuracy: FedProto's nearest-prototype "
+                            "inference per group.")
     if "width" in parts:
         rows = run_grid(f"{NAME}-width", width_cells(seeds, 20 if quick else 100), extract=group_metrics(None),
                         results_dir=os.path.join(results, "width"))
