@@ -20,9 +20,7 @@ server learning rate 1, as both papers do).
 
 Normalisation: the zoo's models hold no running statistics (the ResNet uses
 GroupNorm), so HeteroFL's static batch norm is not needed: a sub-model
-normalises over its own channels. HeteroFL's *Scaler* (hidden outputs times
-``1 / r`` while a sub-model of ratio ``r`` trains, so its magnitudes match the
-full model's; FedRolex's code keeps it) is applied (:func:`with_scaler`). The reference codes' masking of the output
+normalises over its own channels. The reference codes' masking of the output
 layer to each client's labels is not applied. Both reference codes weight
 every client 1; here the weight is the client's example count (FedAvg's),
 which ``client.weighting=uniform`` turns into 1 (the engine's mean weighs
@@ -45,24 +43,6 @@ from fedkd_jax.hetero.grouped import grouped
 from fedkd_jax.hetero.slicing import masked_average, scatter_sum, slice_params, width_slice
 from fedkd_jax.models import Model
 from fedkd_jax.tree_util import tree_bytes
-
-
-def with_scaler(sub: Model, spec, ratio: float) -> Model:
-    """``sub`` as HeteroFL trains it: its Scaler multiplies every hidden layer's output by ``1 / ratio``
-    in training (Diao et al. 2021, Section 3.2; ``Scaler`` in the reference code, active only in
-    training mode), i.e. the forward pass uses every hidden layer's weights and bias divided by
-    ``ratio``. Hidden layers are those whose output axis is a width dimension (the classifier's
-    is the classes). Evaluation uses the sub-model as it is, as the reference code does."""
-    if ratio == 1.0:
-        return sub
-    hidden = [bool(axes) and axes[-1] is not None for axes in spec.axes]
-
-    def apply(params, x):
-        leaves = jax.tree.leaves(params)
-        scaled = [a / ratio if h else a for a, h in zip(leaves, hidden)]
-        return sub.apply(jax.tree.unflatten(spec.treedef, scaled), x)
-
-    return sub._replace(apply=apply)
 
 
 class WidthState(NamedTuple):
@@ -106,9 +86,9 @@ def width_sliced(
         avg, m = base.server_update(FedAvgState(state.params, state.opt_state), delta, (), key)
         return WidthState(avg.params, avg.opt_state, state.round + 1), m
 
-    def for_group(sub: Model, spec, ratio: float) -> FederatedAlgorithm:
-        sub_base = local_sgd_algorithm(rule, with_scaler(sub, spec, ratio), client_optimizer, server_optimizer,
-                                       batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps)
+    def for_group(sub: Model, spec) -> FederatedAlgorithm:
+        sub_base = local_sgd_algorithm(rule, sub, client_optimizer, server_optimizer, batch_size=batch_size,
+                                       local_epochs=local_epochs, local_steps=local_steps)
 
         def client_update(state: WidthState, cs, data, key) -> ClientOutput:
             params = slice_params(state.params, spec, state.round)
@@ -127,7 +107,7 @@ def width_sliced(
             download_bytes=sub_bytes,
         )
 
-    alg = grouped([for_group(s.model, s.spec, float(r)) for s, r in zip(slices, ratios)], name=rule)
+    alg = grouped([for_group(s.model, s.spec) for s in slices], name=rule)
     return alg._replace(model=glob, model_params=lambda s: s.params,
                         download_bytes=max(g.download_bytes for g in alg.groups),
                         with_model_params=lambda s, p: s._replace(params=p))
