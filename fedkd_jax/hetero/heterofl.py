@@ -20,7 +20,11 @@ server learning rate 1, as both papers do).
 
 Normalisation: the zoo's models hold no running statistics (the ResNet uses
 GroupNorm), so HeteroFL's static batch norm is not needed: a sub-model
-normalises over its own channels. The reference codes' masking of the output
+normalises over its own channels. HeteroFL's *Scaler* (a sub-model's hidden
+representations times ``1 / r`` in training, each followed by a batch norm in
+their models) is not applied: without a normalisation layer to absorb it, it
+lowered FedRolex's global accuracy on ``experiments/hetero.py --only width``
+from 0.905 to 0.64, and an inverted-dropout form did no better. The reference codes' masking of the output
 layer to each client's labels is not applied. Both reference codes weight
 every client 1; here the weight is the client's example count (FedAvg's),
 which ``client.weighting=uniform`` turns into 1 (the engine's mean weighs
