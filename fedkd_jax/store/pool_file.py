@@ -135,6 +135,9 @@ class PoolWriter:
         meta = {"format": FORMAT, "rows": self.rows, **(meta or {})}
         with open(os.path.join(self.tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared pool_dir's files from others
         try:
             os.rename(self.tmp, self.path)
         except OSError:
