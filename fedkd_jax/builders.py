@@ -14,11 +14,14 @@ from fedkd_jax.plan import privacy_delta, privacy_setup  # noqa: F401 - privacy_
 from fedkd_jax.settings import DEFAULT_NUM_CLIENTS, num_clients_value, partition_method
 
 
-def pool_directory(cfg: Config, out_dir: str) -> str:
-    """Where ``data.pool=disk`` keeps its pool files: ``data.pool_dir``, or ``<out_dir>/pool``."""
+def pool_directory(cfg: Config) -> str:
+    """Where ``data.pool=disk`` keeps its pool files: ``data.pool_dir``, or the user's cache
+    (:func:`fedkd_jax.store.pool_file.default_dir`)."""
     import os
 
-    return os.path.expanduser(cfg.data.pool_dir) if cfg.data.pool_dir else os.path.join(out_dir, "pool")
+    from fedkd_jax.store.pool_file import default_dir
+
+    return os.path.expanduser(cfg.data.pool_dir) if cfg.data.pool_dir else default_dir()
 
 
 def _read_dataset(cfg: Config, known: str | None, pool_dir: str | None):
@@ -238,7 +241,7 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
                      aggregator=build_aggregator(cfg, data, capacity), downlink=build_compressor(cfg, downlink=True),
                      straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode,
                      sampling=cfg.privacy.sampling, store=store, store_dir=store_dir, max_examples=max_examples,
-                     build=build, pool=pool, pool_dir=pool_directory(cfg, out_dir))
+                     build=build, pool=pool, pool_dir=pool_directory(cfg))
 
 
 def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
@@ -301,7 +304,7 @@ def resolve(cfg: Config, *, out_dir: str) -> Resolved:
 
     The one place that maps names to parts (through the registries above).
     """
-    data = build_data(cfg, pool_dir=pool_directory(cfg, out_dir))
+    data = build_data(cfg, pool_dir=pool_directory(cfg))
     cfg, accountant = privacy_setup(cfg, data.num_clients)
     model = build_model(cfg, data)
     algorithm = build_algorithm(cfg, model, data)

@@ -69,9 +69,9 @@ class DataConfig:
     # pooled examples: device (replicated) | host (each dispatch's rows placed) | disk (memory-mapped pool file,
     # token ids in a narrow integer type) | auto (device, else host, else disk, by run.memory_budget_gb)
     pool: str = "auto"
-    # disk pool: where the pool files live (default: <run dir>/pool). A file-read dataset's pool file is keyed by
-    # the source files' paths, sizes and times and the read options, and reused: point several runs at one
-    # directory (e.g. ~/.cache/fedkd_jax/pools) and the files are decoded once
+    # disk pool: where the pool files live (unset: $FEDKD_POOL_DIR, else ~/.cache/fedkd_jax/pools, shared by runs).
+    # A file-read dataset's pool file is keyed by the source files' paths, sizes and times and the read options,
+    # and later runs reuse it: the files are decoded once
     pool_dir: Optional[str] = None
 
 

@@ -93,16 +93,17 @@ def _rows(out):
 
 
 @pytest.mark.parametrize("algorithm,kinds", [("fedavg", ("device", "disk")), ("fedkd", ("device", "host", "disk"))])
-def test_runs_with_host_and_disk_pools_match_the_device_pool(tmp_path, algorithm, kinds):
+def test_runs_with_host_and_disk_pools_match_the_device_pool(tmp_path, algorithm, kinds, monkeypatch):
     """Through the run loop: two dispatches whose rows the prefetcher gathers ahead."""
+    monkeypatch.setenv("FEDKD_POOL_DIR", str(tmp_path / "cache"))  # data.pool_dir unset: the user's cache
     rows = {}
     for kind in kinds:
         out = str(tmp_path / kind)
         run_experiment(load_config(None, BASE + [f"algorithm={algorithm}", f"data.pool={kind}"]), out)
         rows[kind] = _rows(out)
     assert all(rows[k] == rows["device"] for k in kinds) and len(rows["device"]) == 4
-    (name,) = os.listdir(tmp_path / "disk" / "pool")  # the default place: <run dir>/pool
-    arrays, meta = pool_file.open_pool(str(tmp_path / "disk" / "pool" / name))
+    (name,) = os.listdir(tmp_path / "cache")
+    arrays, meta = pool_file.open_pool(str(tmp_path / "cache" / name))
     assert arrays["x"].dtype == np.float32 and arrays["y"].dtype == np.uint8 and meta["name"] == "digits"
 
 

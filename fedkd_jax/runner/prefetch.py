@@ -32,7 +32,7 @@ class Prefetcher:
         self.sim = sim
         self.bits = key_bits
         self.given = pool
-        self.pool = pool if isinstance(pool, HostPool) else None
+        self.host_pool = pool if isinstance(pool, HostPool) else None
         # Device stores gather with a device program: keep that on the main thread.
         self.host_store = sim.store is not None and sim.store.kind in ("host", "disk")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedkd-prefetch")
@@ -41,8 +41,8 @@ class Prefetcher:
     def _prepare(self, start: int, num_rounds: int) -> tuple[Plan, Any, np.ndarray | None, Any]:
         plan = self.sim.plan(self.bits, start, num_rounds)
         rows = None
-        if self.pool is not None:
-            rows, plan = gather_rows(self.pool, plan)
+        if self.host_pool is not None:
+            rows, plan = gather_rows(self.host_pool, plan)
         if self.host_store:
             states, fresh = self.sim.store.gather(plan.union)
             return plan, states, fresh, rows

@@ -39,6 +39,16 @@ from fedkd_jax.errors import ConfigError
 from fedkd_jax.paths import check_writable_dir
 
 FORMAT = 1  # bump when the layout changes: older pool files are then not reused
+
+
+def default_dir() -> str:
+    """``data.pool_dir`` when unset: ``$FEDKD_POOL_DIR``, else ``$XDG_CACHE_HOME/fedkd_jax/pools``
+    (``~/.cache/...``), beside the compilation cache: a cache shared by the user's runs, so a
+    dataset's files are decoded once, and a run that fails its checks leaves its ``--out`` untouched."""
+    if os.environ.get("FEDKD_POOL_DIR"):
+        return os.path.expanduser(os.environ["FEDKD_POOL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fedkd_jax", "pools")
 _INTS = (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.int64)
 
 
@@ -177,7 +187,7 @@ def write_pool(directory: str, key: str, x: np.ndarray, y: np.ndarray, *, task: 
 
 
 def open_pool(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """``({name: array}, meta)`` of a complete pool file (``x`` and ``y`` memory-mapped
+    """``({name: array}, meta)`` of a complete pool file (every array memory-mapped
     read-only), or ``None`` when there is none at ``path`` or it is of another format."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
@@ -190,7 +200,7 @@ def open_pool(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     for name in sorted(os.listdir(path)):
         if name.endswith(".npy"):
             stem = name[:-4]
-            arrays[stem] = np.load(os.path.join(path, name), mmap_mode="r" if stem in ("x", "y") else None)
+            arrays[stem] = np.load(os.path.join(path, name), mmap_mode="r")
     return (arrays, meta) if "x" in arrays and "y" in arrays else None
 
 
@@ -242,7 +252,8 @@ def source_key(options: dict[str, Any], path: str | None) -> str:
 def save_dataset(directory: str, key: str, ds, *, field: str = "data.pool_dir"):
     """Write ``ds`` (a :class:`~fedkd_jax.data.datasets.Dataset`) as pool file ``key`` and
     return it read back from there (:func:`open_dataset`): its rows memory-mapped."""
-    extra = {k: getattr(ds, k) for k in ("client_ids", "is_test") if getattr(ds, k) is not None}
+    extra = {k: np.asarray(getattr(ds, k)) for k in ("client_ids", "is_test") if getattr(ds, k) is not None}
+    extra = {k: a.astype(str) if a.dtype == object else a for k, a in extra.items()}  # .npy without pickle
     meta = {"name": ds.name, "image_shape": list(ds.image_shape) if ds.image_shape else None,
             "special_tokens": ds.special_tokens}
     write_pool(directory, key, np.asarray(ds.x), np.asarray(ds.y), task=ds.task,
