@@ -74,6 +74,14 @@ def is_mapped(a: Any) -> bool:
     return isinstance(a, np.memmap)
 
 
+def _pwrite_all(fd: int, a: np.ndarray, position: int) -> None:
+    """Write ``a``'s bytes at ``position`` (a single write may stop short, e.g. at 2 GB on Linux)."""
+    view = memoryview(a.reshape(-1)).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, position)
+        view, position = view[n:], position + n
+
+
 class PoolWriter:
     """Writes a pool file chunk by chunk; :meth:`finish` publishes it under ``key``.
 
@@ -129,8 +137,8 @@ class PoolWriter:
                 lo, hi = a.min(), a.max()
                 if lo < info.min or hi > info.max:
                     raise ValueError(f"{name} holds values in [{lo}, {hi}], outside {dt.name}")
-            buf = np.ascontiguousarray(a, dt).tobytes()
-            self._guard(lambda: os.pwrite(fd, buf, offset + int(start) * row_bytes))  # noqa: B023
+            self._guard(lambda: _pwrite_all(fd, np.ascontiguousarray(a, dt),  # noqa: B023
+                                            offset + int(start) * row_bytes))
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Another array of the pool file (e.g. the dataset's client ids), saved whole."""
@@ -173,9 +181,12 @@ class PoolWriter:
 
 def write_pool(directory: str, key: str, x: np.ndarray, y: np.ndarray, *, task: str, num_classes: int,
                extra: dict[str, np.ndarray] | None = None, meta: dict[str, Any] | None = None,
-               chunk_rows: int = 1 << 18, field: str = "data.pool_dir") -> str:
-    """Copy in-memory ``x``, ``y`` into a pool file (narrow dtypes, in chunks); its path."""
+               chunk_bytes: int = 64 << 20, field: str = "data.pool_dir") -> str:
+    """Copy in-memory ``x``, ``y`` into a pool file (narrow dtypes, in chunks of about
+    ``chunk_bytes``); its path."""
     xd, yd = pool_dtypes(task, num_classes)
+    row = (int(np.prod(x.shape[1:], dtype=np.int64)) + int(np.prod(y.shape[1:], dtype=np.int64))) * 4
+    chunk_rows = max(1, chunk_bytes // max(row, 1))
     with PoolWriter(directory, key, rows=len(x), x_shape=x.shape[1:], x_dtype=xd, y_shape=y.shape[1:],
                     y_dtype=yd, field=field) as w:
         for s in range(0, len(x), chunk_rows):
