@@ -33,6 +33,8 @@ memory. There is no switch for the local loop padded to the largest client
 (it was removed for the dynamic loop; ``benchmarks/padding.py`` measures it
 against an older commit), so the padded figure is the share of local steps
 a padded round would run empty, computed from the sizes, not measured.
+Before the rounds the pool file is flushed and dropped from the page cache,
+as a file an earlier run wrote would be, so the rounds read it from disk.
 JSON last, saved to benchmarks/results/stackoverflow.json; the pool file is
 deleted at the end unless ``--keep`` (kept, it is reused by the next run with
 the same ``--dir``, ``--clients``, ``--sentences`` and ``--seed``).
@@ -142,6 +144,21 @@ def generate(directory: str, key: str, clients: int, total: int, seed: int) -> d
                   "host_bytes": total * SEQ_LEN * 8})
     return {"corpus_s": time.perf_counter() - t0, "corpus": "generated", "path": path,
             "generate_peak_rss_mb": _status_mb("VmHWM")}
+
+
+def drop_cache(path: str) -> float:
+    """Flush the pool file and drop it from the page cache, as for a file an earlier run wrote
+    (freshly written pages would otherwise be mapped in large blocks and counted in RSS); seconds."""
+    t = time.perf_counter()
+    for name in ("x.npy", "y.npy"):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t
 
 
 def federated(path: str):
@@ -271,6 +288,7 @@ def main() -> None:
     from fedkd_jax.store.pool_file import pool_bytes
 
     sizes = np.diff(np.load(os.path.join(gen["path"], "offsets.npy")))
+    gen["flush_s"] = drop_cache(gen["path"])
     cmd = [sys.executable, os.path.abspath(__file__), "--child", gen["path"], "--rounds", str(args.rounds),
            "--cohort", str(args.cohort), "--width", str(args.width)] + ([] if args.eval else ["--no-eval"])
     res = {}
@@ -297,6 +315,7 @@ def main() -> None:
         "setting": {"cohort": args.cohort, "batch": 16, "local_epochs": 1, "max_sentences_per_client": CAP,
                     "model": "nwp_lstm", "width": args.width, "client_lr": 10**-0.5, "server": "fedadam 1e-2"},
         "corpus": gen["corpus"], "corpus_s": gen["corpus_s"], "generate_peak_rss_mb": gen.get("generate_peak_rss_mb"),
+        "flush_and_drop_cache_s": gen["flush_s"],
         "gb": "10^9 bytes", "pool_file_gb": pool_bytes(gen["path"]) / 1e9,
         "pool_dtypes": {"x": "uint16", "y": "int16"},
         "device_pool_gb": device_pool / 1e9, "machine_memory_gb": memory / 1e9,

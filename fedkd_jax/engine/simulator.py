@@ -248,6 +248,11 @@ class Simulator:
         dispatch places what it reads (:mod:`fedkd_jax.engine.pool`)."""
         data = self.data if data is None else data
         if self.pool_kind in ("host", "disk"):
+            if self.pool_kind == "disk":
+                from fedkd_jax.store.pool_file import random_access
+
+                random_access(data.x)
+                random_access(data.y)
             return HostPool(data.x, data.y)
         return put_replicated(PoolData(data.x, data.y), self._replicated)
 
