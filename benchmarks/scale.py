@@ -126,20 +126,20 @@ def child(args) -> dict:
     jax.block_until_ready(pool)
     setup = time.perf_counter() - t0
 
-    pre = Prefetcher(sim, fk.engine.cohort.key_bits(state.key))
+    pre = Prefetcher(sim, fk.engine.cohort.key_bits(state.key), pool)
     t = time.perf_counter()
-    plan, gathered = pre.take(0, per, None, state.key)
-    state, _ = sim.execute(state, pool, plan, gathered)  # compile + warm-up
+    plan, gathered, rows = pre.take(0, per, None, state.key)
+    state, _ = sim.execute(state, rows, plan, gathered)  # compile + warm-up
     first = time.perf_counter() - t
     written, done = plan.union, per
     rounds = args.rounds - args.rounds % per or per
     pre.request(done, per)
     t = time.perf_counter()
     while done < per + rounds:
-        plan, gathered = pre.take(done, per, written, state.key)
+        plan, gathered, rows = pre.take(done, per, written, state.key)
         if done + per < per + rounds:
             pre.request(done + per, per)
-        state, m = sim.execute(state, pool, plan, gathered)
+        state, m = sim.execute(state, rows, plan, gathered)
         written, done = plan.union, done + per
     per_round = (time.perf_counter() - t) / rounds
     pre.close()

@@ -14,23 +14,56 @@ from fedkd_jax.plan import privacy_delta, privacy_setup  # noqa: F401 - privacy_
 from fedkd_jax.settings import DEFAULT_NUM_CLIENTS, num_clients_value, partition_method
 
 
-def build_data(cfg: Config) -> FederatedData:
-    """Load and federate the configured dataset (deterministic from ``run.seed``)."""
+def pool_directory(cfg: Config) -> str:
+    """Where ``data.pool=disk`` keeps its pool files: ``data.pool_dir``, or the user's cache
+    (:func:`fedkd_jax.store.pool_file.default_dir`)."""
+    import os
+
+    from fedkd_jax.store.pool_file import default_dir
+
+    return os.path.expanduser(cfg.data.pool_dir) if cfg.data.pool_dir else default_dir()
+
+
+def _read_dataset(cfg: Config, known: str | None, pool_dir: str | None):
+    """The configured dataset; with ``pool_dir`` and a pool that goes (or may go) to disk, its rows
+    memory-mapped from a pool file: the one an earlier run wrote for the same source files and
+    read options (their decoding skipped), or a new one."""
+    from fedkd_jax.engine.pool import host_fits
+    from fedkd_jax.store import pool_file
+
+    d = cfg.data
+    options = dict(name=d.dataset, path=d.path, num_clients=num_clients_value(cfg, known) or DEFAULT_NUM_CLIENTS,
+                   seed=cfg.run.seed, synthetic_alpha=d.synthetic_alpha, synthetic_beta=d.synthetic_beta,
+                   max_examples=d.max_examples, task=d.task, seq_len=d.seq_len, vocab_size=d.vocab_size,
+                   client_column=d.client_column)
+    disk = pool_dir is not None and d.pool in ("disk", "auto")
+    key = None
+    if disk:
+        # what the rows depend on: only a generated dataset's depend on the seed and population size
+        ident = {k: v for k, v in options.items() if d.dataset == "synthetic"
+                 or k not in ("num_clients", "seed", "synthetic_alpha", "synthetic_beta", "max_examples")}
+        key = pool_file.source_key(ident, d.path)
+        cached = pool_file.dataset_bytes(pool_dir, key)
+        if cached is not None and (d.pool == "disk" or not host_fits(cached, cfg.run.memory_budget_gb)):
+            return pool_file.open_dataset(pool_dir, key)
+    name = options.pop("name")
+    ds = load_dataset(name, **options)
+    if disk:
+        host = int(ds.x.size) * 4 + int(ds.y.size) * 4
+        if d.pool == "disk" or not host_fits(host, cfg.run.memory_budget_gb):
+            ds = pool_file.save_dataset(pool_dir, key, ds)  # the in-memory rows are dropped here
+    return ds
+
+
+def build_data(cfg: Config, *, pool_dir: str | None = None) -> FederatedData:
+    """Load and federate the configured dataset (deterministic from ``run.seed``).
+
+    ``pool_dir``: where ``data.pool=disk`` (or ``auto``, for a pool too large for the host)
+    keeps the pooled rows in a pool file (:mod:`fedkd_jax.store.pool_file`); without it the
+    rows stay in memory (the simulator writes a temporary pool file if it needs one)."""
     d = cfg.data
     known = partition_method(cfg)
-    ds = load_dataset(
-        d.dataset,
-        path=d.path,
-        num_clients=num_clients_value(cfg, known) or DEFAULT_NUM_CLIENTS,
-        seed=cfg.run.seed,
-        synthetic_alpha=d.synthetic_alpha,
-        synthetic_beta=d.synthetic_beta,
-        max_examples=d.max_examples,
-        task=d.task,
-        seq_len=d.seq_len,
-        vocab_size=d.vocab_size,
-        client_column=d.client_column,
-    )
+    ds = _read_dataset(cfg, known, pool_dir)
     partition = known or partition_method(cfg, has_clients=ds.client_ids is not None)
     fd = federate(
         ds,
@@ -210,16 +243,20 @@ def build_simulator(cfg: Config, data: FederatedData, algorithm: alg_lib.Federat
     if jax.process_count() > 1:  # every process keeps its own copy of the store
         store_dir = os.path.join(store_dir, f"process-{jax.process_index()}")
     capacity = poisson_capacity(data.num_clients, r.cohort_size) if cfg.privacy.sampling == "poisson" else r.cohort_size
-    pool = choose_pool(cfg.data.pool, pool_bytes=int(data.x.nbytes + data.y.nbytes), num_devices=devices,
-                       budget_gb=r.memory_budget_gb)
+    from fedkd_jax.engine.pool import SWEEP_POOL
     from fedkd_jax.hetero.build import membership
+    from fedkd_jax.store.pool_file import is_mapped
 
+    pool = choose_pool(cfg.data.pool, pool_bytes=int(data.x.size + data.y.size) * 4, num_devices=devices,
+                       budget_gb=r.memory_budget_gb, on_disk=is_mapped(data.x))
+    if build is not None and pool != "device":  # a sweep: refused before any pool file is written
+        raise ConfigError("data.pool", SWEEP_POOL)
     return Simulator(algorithm, data, cohort_size=r.cohort_size, mesh=mesh, group_size=group,
                      groups=membership(cfg, data),
                      aggregator=build_aggregator(cfg, data, capacity), downlink=build_compressor(cfg, downlink=True),
                      straggler_fraction=cfg.client.straggler_fraction, straggler_mode=cfg.client.straggler_mode,
                      sampling=cfg.privacy.sampling, store=store, store_dir=store_dir, max_examples=max_examples,
-                     build=build, pool=pool)
+                     build=build, pool=pool, pool_dir=pool_directory(cfg))
 
 
 def build_aggregator(cfg: Config, data: FederatedData, capacity: int):
@@ -282,8 +319,9 @@ def resolve(cfg: Config, *, out_dir: str) -> Resolved:
 
     The one place that maps names to parts (through the registries above).
     """
-    data = build_data(cfg)
+    data = build_data(cfg, pool_dir=pool_directory(cfg))
     cfg, accountant = privacy_setup(cfg, data.num_clients)
     model = build_model(cfg, data)
     algorithm = build_algorithm(cfg, model, data)
-    return Resolved(cfg, data, model, algorithm, build_simulator(cfg, data, algorithm, out_dir=out_dir), accountant)
+    sim = build_simulator(cfg, data, algorithm, out_dir=out_dir)
+    return Resolved(cfg, sim.data, model, algorithm, sim, accountant)

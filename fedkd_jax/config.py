@@ -66,7 +66,13 @@ class DataConfig:
     vocab_size: Optional[int] = None  # word vocabulary of Stack Overflow / Sent140 (unset: 10,000)
     seq_len: Optional[int] = None  # tokens per sequence (unset: 80 Shakespeare, 20 Stack Overflow)
     client_column: Optional[str] = None  # hf: the client column (unset: client_id, user_id, ... whichever exists)
-    pool: str = "auto"  # pooled examples: device (replicated) | host (placed per dispatch) | auto (by the memory budget)
+    # pooled examples: device (replicated) | host (each dispatch's rows placed) | disk (memory-mapped pool file,
+    # token ids in a narrow integer type) | auto (device, else host, else disk, by run.memory_budget_gb)
+    pool: str = "auto"
+    # disk pool: where the pool files live (unset: $FEDKD_POOL_DIR, else ~/.cache/fedkd_jax/pools, shared by runs).
+    # A file-read dataset's pool file is keyed by the source files' paths, sizes and times and the read options,
+    # and later runs reuse it: the files are decoded once
+    pool_dir: Optional[str] = None
 
 
 @dataclass

@@ -30,10 +30,11 @@ from fedkd_jax.settings import (
     secagg_threshold,
 )
 from fedkd_jax.data import DATASETS, PARTITIONS, PROXY_SOURCES, TASKS
+from fedkd_jax.engine.pool import POOLS
 from fedkd_jax.engine.simulator import STRAGGLER_MODES
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.models import MODELS
-from fedkd_jax.paths import check_npz
+from fedkd_jax.paths import check_npz, check_writable_dir
 from fedkd_jax.store import STORES
 
 if TYPE_CHECKING:  # the schema imports this module (config.validate); this one needs only its type
@@ -139,7 +140,12 @@ def _validate_data_source(cfg: Config) -> None:
     d = cfg.data
     _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.task", d.task, TASKS)
-    _choice("data.pool", d.pool, ("auto", "device", "host"))
+    _choice("data.pool", d.pool, POOLS)
+    if d.pool_dir is not None:
+        if d.pool in ("device", "host"):
+            raise ConfigError("data.pool_dir", f"is where data.pool=disk (or auto) keeps its pool files; data.pool="
+                                               f"{d.pool} keeps none (leave it unset)")
+        check_writable_dir("data.pool_dir", os.path.expanduser(d.pool_dir))
     _choice("data.partition", d.partition, PARTITIONS + ("auto",))
     if d.dataset in _PATH_NEEDED and not d.path:
         raise ConfigError("data.path", f"dataset {d.dataset!r} needs data.path={_PATH_NEEDED[d.dataset]}")

@@ -13,6 +13,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fedk
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+# data.pool=disk's pool files go to the user's cache unless data.pool_dir says otherwise: not from tests
+os.environ.setdefault("FEDKD_POOL_DIR", tempfile.mkdtemp(prefix="fedkd-test-pools-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -86,14 +86,14 @@ def test_prefetch_never_serves_a_stale_state(digits):
     sims = [fk.Simulator(alg, fd, cohort_size=4, mesh=fk.client_mesh(1), store=kind) for kind in ("device", "host")]
     states = [s.put_state(s.init(0)) for s in sims]
     pools = [s.put_data() for s in sims]
-    pre = Prefetcher(sims[1], fk.engine.cohort.key_bits(states[1].key))
+    pre = Prefetcher(sims[1], fk.engine.cohort.key_bits(states[1].key), pools[1])
     written = None
     for start in range(0, 8, 2):
         states[0], m0 = sims[0].run(states[0], pools[0], 2)
-        plan, gathered = pre.take(start, 2, written, states[1].key)
+        plan, gathered, pool = pre.take(start, 2, written, states[1].key)
         pre.request(start + 2, 2)  # read ahead while this dispatch runs
         assert start == 0 or set(plan.union.tolist()) & set(written.tolist())  # clients recur: staleness matters
-        states[1], m1 = sims[1].execute(states[1], pools[1], plan, gathered)
+        states[1], m1 = sims[1].execute(states[1], pool, plan, gathered)
         written = plan.union
         np.testing.assert_array_equal(np.asarray(m0["train_loss"]), np.asarray(m1["train_loss"]))
     pre.close()

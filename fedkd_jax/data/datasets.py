@@ -172,30 +172,39 @@ def synthetic(
     )
 
 
+def _first_bad_row(a: np.ndarray, bad, block: int = 1 << 18) -> int | None:
+    """The first row of ``a`` where ``bad(rows) -> bool array`` holds anywhere, checked in
+    blocks of rows (bounded memory, also for a pool file larger than memory)."""
+    for s in range(0, len(a), block):
+        b = np.asarray(bad(np.asarray(a[s:s + block])))
+        rows = b.reshape(len(b), -1).any(axis=1)
+        if rows.any():
+            return s + int(np.argmax(rows))
+    return None
+
+
 def validate_dataset(ds: Dataset) -> None:
     """Reject features that are not finite and labels outside ``[0, num_classes)``
     (next-token targets may also be negative: padding)."""
     if ds.num_classes < 2:
         raise DataError("data.num_classes", f"need at least 2 classes; got {ds.num_classes}")
-    finite = np.isfinite(ds.x)
-    if not finite.all():
-        row = int(np.argmin(finite.reshape(len(finite), -1).all(axis=1)))
-        raise DataError("data.x", f"features must be finite; row {row} holds NaN or inf")
+    k = ds.num_classes
+    if np.issubdtype(np.asarray(ds.x[:0]).dtype, np.inexact):  # integer token ids are finite
+        row = _first_bad_row(ds.x, lambda a: ~np.isfinite(a))
+        if row is not None:
+            raise DataError("data.x", f"features must be finite; row {row} holds NaN or inf")
     if ds.task == "next_token":
-        bad_x = (ds.x < 0) | (ds.x >= ds.num_classes) | (ds.x != np.round(ds.x))
-        if bad_x.any():
-            i = int(np.argmax(bad_x.reshape(len(bad_x), -1).any(axis=1)))
-            raise DataError("data.x", f"token ids must be integers in [0, {ds.num_classes}); row {i} is not")
-        bad = (ds.y >= ds.num_classes).reshape(len(ds.y), -1).any(axis=1)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise DataError("data.y", f"next-token targets must lie below {ds.num_classes} (negative: padding); "
-                                      f"row {i} has {int(ds.y[i].max())}")
+        i = _first_bad_row(ds.x, lambda a: (a < 0) | (a >= k) | (a != np.round(a)))
+        if i is not None:
+            raise DataError("data.x", f"token ids must be integers in [0, {k}); row {i} is not")
+        i = _first_bad_row(ds.y, lambda a: a >= k)
+        if i is not None:
+            raise DataError("data.y", f"next-token targets must lie below {k} (negative: padding); "
+                                      f"row {i} has {int(np.asarray(ds.y[i]).max())}")
         return
-    y = np.asarray(ds.y)
-    if y.ndim > 1:
-        raise DataError("data.task", f"labels of shape {y.shape} are a label per token: set data.task=next_token")
-    bad = (y < 0) | (y >= ds.num_classes)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError("data.y", f"labels must lie in [0, {ds.num_classes}); row {i} has label {int(y[i])}")
+    if np.ndim(ds.y) > 1:
+        raise DataError("data.task", f"labels of shape {np.shape(ds.y)} are a label per token: "
+                                     "set data.task=next_token")
+    i = _first_bad_row(ds.y, lambda a: (a < 0) | (a >= k))
+    if i is not None:
+        raise DataError("data.y", f"labels must lie in [0, {k}); row {i} has label {int(ds.y[i])}")

@@ -30,7 +30,10 @@ class FederatedData:
     Attributes:
       x: ``[R, D]`` float32 pooled features; y: ``[R]`` int32 labels. Token
         tasks (next-token prediction): ``x [R, L]`` token ids (as float32) and
-        ``y [R, L]`` int32 targets, negative at padding.
+        ``y [R, L]`` int32 targets, negative at padding. In a pool file
+        (``data.pool=disk``) both are read-only memory maps, token ids and labels in
+        the narrowest integer type that holds them (:mod:`fedkd_jax.store.pool_file`);
+        the global test and proxy sets are always in memory, float32 / int32.
       train_rows, train_offsets: client ``i`` trains on pool rows
         ``train_rows[train_offsets[i]:train_offsets[i+1]]``.
       test_rows, test_offsets: the same for each client's local test split.
@@ -288,8 +291,10 @@ def federate(
                                             f"clients; got {num_clients} (unset it to keep them all, or choose fewer)")
     if max_examples_per_client is not None:
         train = part_lib.cap(train, int(max_examples_per_client), rng)
-    x = np.asarray(dataset.x, np.float32)
-    y = np.asarray(dataset.y, np.int32)
+    # a pool file's rows stay mapped, in their narrow type (cast when a dispatch gathers them)
+    mapped = isinstance(dataset.x, np.memmap)
+    x = dataset.x if mapped else np.asarray(dataset.x, np.float32)
+    y = dataset.y if mapped else np.asarray(dataset.y, np.int32)
     idx_dtype = np.int32 if len(x) < 2**31 else np.int64
     return FederatedData(
         x=x,
@@ -298,10 +303,10 @@ def federate(
         train_offsets=train.offsets,
         test_rows=test.rows.astype(idx_dtype, copy=False),
         test_offsets=test.offsets,
-        global_x=x[g_idx],
-        global_y=y[g_idx],
-        proxy_x=x[proxy_idx] if len(proxy_idx) else None,
-        proxy_y=y[proxy_idx] if len(proxy_idx) else None,
+        global_x=np.asarray(x[g_idx], np.float32),
+        global_y=np.asarray(y[g_idx], np.int32),
+        proxy_x=np.asarray(x[proxy_idx], np.float32) if len(proxy_idx) else None,
+        proxy_y=np.asarray(y[proxy_idx], np.int32) if len(proxy_idx) else None,
         num_classes=dataset.num_classes,
         image_shape=dataset.image_shape,
         name=dataset.name,

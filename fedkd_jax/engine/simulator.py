@@ -60,7 +60,7 @@ from fedkd_jax.engine.cohort import (
 )
 from fedkd_jax.engine.mesh import CLIENTS, client_mesh
 from fedkd_jax.engine.placement import put_replicated, put_sharded
-from fedkd_jax.engine.pool import HostPool, compact_rows
+from fedkd_jax.engine.pool import Compacted, HostPool, gather_rows
 from fedkd_jax.engine.state import (  # noqa: F401 - re-exported
     _AGGREGATE,
     _COMPRESS,
@@ -123,6 +123,9 @@ class Simulator:
       store_dir: directory of the ``disk`` store.
       max_examples: pad every client to this many rows (default: the largest
         client); a batched sweep pads all its runs to one width.
+      pool: where the pooled rows live: ``device`` (replicated), ``host`` or ``disk``
+        (memory-mapped; rows not already in a pool file are written to a temporary
+        one under ``pool_dir``), see :mod:`fedkd_jax.engine.pool`.
       build: ``hp -> (algorithm, aggregator, downlink, (straggler_fraction, straggler_count))``
         from traced hyperparameters, for batched sweeps (:mod:`fedkd_jax.sweeps`);
         the count is the host's :func:`~fedkd_jax.engine.cohort.straggler_count`
@@ -154,11 +157,18 @@ class Simulator:
         build: Callable[[Any], tuple] | None = None,
         pool: str = "device",
         groups: np.ndarray | None = None,
+        pool_dir: str | None = None,
     ):
         n = data.num_clients
-        if pool not in ("device", "host"):
-            raise ConfigError("data.pool", f"must be device or host (auto is resolved by the builder); got {pool!r}")
+        if pool not in ("device", "host", "disk"):
+            raise ConfigError("data.pool", f"must be device, host or disk (auto is resolved by the builder); "
+                                           f"got {pool!r}")
         self.pool_kind = pool
+        self._pool_file = None
+        if pool == "disk":  # rows not yet in a pool file: into one of this simulator's own
+            from fedkd_jax.store.pool_file import to_disk
+
+            data, self._pool_file = to_disk(data, pool_dir)
         if not 1 <= cohort_size <= n:
             raise ConfigError("run.cohort_size", f"must be in [1, {n}] (the population size); got {cohort_size}")
         if group_size < 1:
@@ -260,24 +270,27 @@ class Simulator:
 
     def put_data(self, data: FederatedData | None = None) -> PoolData | HostPool:
         """Place the pooled rows on the mesh, replicated (each device gathers its clients' rows);
-        with ``pool="host"`` they stay on the host and each dispatch places what it reads
-        (:mod:`fedkd_jax.engine.pool`)."""
+        with ``pool="host"`` or ``"disk"`` they stay on the host (or in their file) and each
+        dispatch places what it reads (:mod:`fedkd_jax.engine.pool`)."""
         data = self.data if data is None else data
-        if self.pool_kind == "host":
+        if self.pool_kind in ("host", "disk"):
+            if self.pool_kind == "disk":
+                from fedkd_jax.store.pool_file import random_access
+
+                random_access(data.x)
+                random_access(data.y)
             return HostPool(data.x, data.y)
         return put_replicated(PoolData(data.x, data.y), self._replicated)
 
-    def _placed(self, pool: PoolData | HostPool, plan: Plan) -> tuple[PoolData, Plan]:
-        """A host pool's rows that ``plan`` reads, placed, and the plan's rows pointing into them."""
-        if not isinstance(pool, HostPool):
-            return pool, plan
-        # fixed capacity (one program per dispatch length): what R rounds of Cp clients of M rows can
-        # read, and never more than the pool holds
-        capacity = min(int(np.prod(plan.rows.shape)), len(pool.x))
-        used, rows = compact_rows(plan.rows, plan.counts, capacity=capacity)
-        placed = put_replicated(PoolData(np.asarray(pool.x[used], np.float32), np.asarray(pool.y[used], np.int32)),
-                                self._replicated)
-        return placed, plan._replace(rows=rows)
+    def _placed(self, pool: PoolData | HostPool | Compacted, plan: Plan) -> tuple[PoolData, Plan]:
+        """The pool the round reads: a host pool's rows that ``plan`` reads, gathered (unless
+        ``pool`` is already a dispatch's :class:`Compacted` rows, with ``plan`` pointing into
+        them) and placed, with the plan's rows pointing into them."""
+        if isinstance(pool, HostPool):
+            pool, plan = gather_rows(pool, plan)
+        if isinstance(pool, Compacted):
+            return put_replicated(PoolData(pool.x, pool.y), self._replicated), plan
+        return pool, plan
 
     def put_state(self, state: SimState) -> SimState:
         return put_replicated(state, self._replicated)
@@ -539,11 +552,13 @@ class Simulator:
             return ()
         return self.complete(key, plan.union, *self.store.gather(plan.union))
 
-    def execute(self, state: SimState, pool: PoolData, plan: Plan, gathered: Any = None):
+    def execute(self, state: SimState, pool: PoolData | HostPool | Compacted, plan: Plan, gathered: Any = None):
         """Run the plan's rounds in one dispatch; write the new client states to the store.
 
         ``gathered``: the plan's union of states from :meth:`gather` (gathered now
-        when ``None``). Blocks until done: XLA:CPU's in-process collectives can
+        when ``None``). ``pool``: the placed pool, a host pool, or the dispatch's rows
+        already gathered from one (:func:`~fedkd_jax.engine.pool.gather_rows`, with
+        ``plan`` as it returned it). Blocks until done: XLA:CPU's in-process collectives can
         deadlock when several multi-device executions are queued at once (seen
         with jaxlib 0.10 on 2 cores).
 

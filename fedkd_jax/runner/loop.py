@@ -188,7 +188,7 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
     show = r.progress if progress is None else progress
     bar = tqdm(total=ctx.limit, initial=min(ctx.done, ctx.limit), unit="round", disable=not (show and ctx.primary),
                dynamic_ncols=True, desc=f"{cfg.algorithm}/{cfg.data.dataset}")
-    prefetch = Prefetcher(sim, key_bits(ctx.state.key))
+    prefetch = Prefetcher(sim, key_bits(ctx.state.key), ctx.pool)
     if ctx.primary and ctx.done < ctx.limit:
         preload_plotting()
     interrupted = False
@@ -198,10 +198,10 @@ def run_experiment(cfg: Config, out_dir: str, *, progress: bool | None = None) -
             while ctx.done < ctx.limit:
                 done, n = ctx.done, ctx.chunk(ctx.done)
                 t0 = time.perf_counter()
-                plan, gathered = prefetch.take(done, n, written, ctx.state.key)
+                plan, gathered, pool = prefetch.take(done, n, written, ctx.state.key)
                 if done + n < ctx.limit:
                     prefetch.request(done + n, ctx.chunk(done + n))
-                state, m = sim.execute(ctx.state, ctx.pool, plan, gathered)
+                state, m = sim.execute(ctx.state, pool, plan, gathered)
                 written = plan.union
                 m = {k: fetch(v) for k, v in m.items()}
                 stopping = distributed.agree(stop.signal is not None)

@@ -29,6 +29,7 @@ RESUMABLE_KEYS = {
     "run.memory_budget_gb",
     "run.store_dir",
     "data.pool",
+    "data.pool_dir",
 }
 
 

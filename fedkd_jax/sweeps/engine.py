@@ -36,6 +36,7 @@ from fedkd_jax.errors import ConfigError
 from fedkd_jax.engine import Simulator
 from fedkd_jax.engine.cohort import Plan
 from fedkd_jax.engine.mesh import CLIENTS
+from fedkd_jax.engine.pool import SWEEP_POOL
 from fedkd_jax.privacy.dp import refresh_noise_seed
 
 RUNS = "runs"
@@ -120,8 +121,7 @@ class BatchedRuns:
         from fedkd_jax.engine.pool import HostPool
 
         if isinstance(self.pool, HostPool):
-            raise ConfigError("data.pool", "a sweep keeps the pooled examples on the devices (its runs share them); "
-                                           "set data.pool=device, or run the points one by one with data.pool=host")
+            raise ConfigError("data.pool", SWEEP_POOL)
 
     @property
     def compiled_programs(self) -> int:

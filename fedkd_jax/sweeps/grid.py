@@ -52,6 +52,7 @@ UNSWEEPABLE = {
     "run.eval_clients": "the runs are evaluated alike",
     "run.eval_personal_clients": "the runs are evaluated alike",
     "data.pool": "the runs share one pool",
+    "data.pool_dir": "the runs share one pool",
     "run.log_to": "the sweep writes one set of outputs",
     "privacy.target_epsilon": "runs would stop at different rounds; sweep privacy.noise_multiplier instead",
     "compression.schedule_rounds": "the SVD schedule's horizon follows run.rounds for every run",

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fedkd_jax import distributed
 from fedkd_jax.builders import build_aggregator, build_algorithm, build_compressor, build_data, build_model
 from fedkd_jax.config import Config, from_dict, group_size_value, load_config, to_dict, validate
+from fedkd_jax.engine.pool import SWEEP_POOL
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.paths import check_writable_dir
 from fedkd_jax.plan import data_identity, privacy_setup
@@ -127,6 +128,8 @@ def run_sweep(config: Config | dict | str | None, grid: Sequence[str] | dict[str
     runs: list[RunSpec] = expand(base, g, seeds)
     record = {"base": to_dict(base), "grid": {k: [str(v) for v in vs] for k, vs in g.items()}, "seeds": seeds}
     _check_same_sweep(out_dir, record)
+    if base.data.pool in ("host", "disk"):  # before anything is read, written or built
+        raise ConfigError("data.pool", SWEEP_POOL)
     for r in runs:
         if r.config.privacy.target_epsilon is not None:
             raise ConfigError("privacy.target_epsilon", "a sweep cannot stop runs at different rounds; "
