@@ -229,6 +229,11 @@ class Simulator:
         self._init_block = init_program(algorithm.init_client) if self.stateful else None
         self._init_jit = jax.jit(self._init_state)
 
+    def _own_slots(self, alg: FederatedAlgorithm) -> bool:
+        """Architecture groups whose client states hold a slot per group (:func:`fedkd_jax.hetero.grouped`):
+        group ``g``'s clients then gather, train and write back only slot ``g``."""
+        return self.layout is not None and self.stateful and bool(alg.group_updates)
+
     def _group_layout(self, groups, algorithm: FederatedAlgorithm, sampling: str):
         from fedkd_jax.hetero.groups import group_layout
 
@@ -333,7 +338,11 @@ class Simulator:
         if self.build is None:
             bcast = jax.tree.map(lambda a: jax.lax.pcast(a, CLIENTS, to="varying"), bcast)
         n_local = ids.shape[0]
-        cstates = jax.tree.map(lambda a: jnp.take(a, pos, axis=0, mode="clip"), union)
+        own_slots = self._own_slots(alg)
+        if own_slots:  # each group reads only its own slot of its clients' states (below)
+            cstates = jnp.zeros((n_local,), jnp.int32)
+        else:
+            cstates = jax.tree.map(lambda a: jnp.take(a, pos, axis=0, mode="clip"), union)
 
         chain = agg.transforms
         all_ids = jax.lax.all_gather(ids, CLIENTS, tiled=True) if self._needs_cohort else ids
@@ -384,12 +393,18 @@ class Simulator:
         def group_sum(sums):
             return sums if g == 1 else jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
-        def segment(update, lo, hi):
-            """Clients ``lo .. hi - 1`` of this device, all running ``update``."""
+        def segment(update, lo, hi, slot=None):
+            """Clients ``lo .. hi - 1`` of this device, all running ``update`` (on their state's
+            ``slot`` only, when given)."""
             per_client = partial(one, update) if g == 1 else jax.vmap(partial(one, update))
             n = hi - lo
-            xs = jax.tree.map(lambda a: a[lo:hi].reshape((n // g, g) + a.shape[1:]) if g > 1 else a[lo:hi],
-                              everything)
+            def grouped_rows(a):  # [n, ...] -> [n / g, g, ...] when clients are vmapped in groups of g
+                return a.reshape((n // g, g) + a.shape[1:]) if g > 1 else a
+
+            xs = jax.tree.map(lambda a: grouped_rows(a[lo:hi]), everything)
+            if slot is not None:  # this group's slot of its clients' states, gathered for them alone
+                own = jax.tree.map(lambda a: grouped_rows(jnp.take(a, pos[lo:hi], axis=0, mode="clip")), union[slot])
+                xs = xs[:4] + (own,) + xs[5:]
             first = jax.tree.map(lambda a: a[0], xs)
             shape = jax.eval_shape(lambda a: group_sum(per_client(*a)[0]), first)
             if self.build is None:
@@ -413,9 +428,14 @@ class Simulator:
             acc, per_client_out = segment(alg.client_update, 0, n_local)
         else:  # architecture groups: each group's slots run its own client update, as its own batch
             updates = alg.group_updates or (alg.client_update,) * self.layout.num_groups
-            parts = [segment(u, lo, hi) for u, (lo, hi) in zip(updates, self.layout.segments())]
+            parts = [segment(u, lo, hi, slot=gi if own_slots else None)
+                     for gi, (u, (lo, hi)) in enumerate(zip(updates, self.layout.segments()))]
             acc = jax.tree.map(lambda *a: sum(a[1:], a[0]), *[p[0] for p in parts])
-            per_client_out = jax.tree.map(lambda *a: jnp.concatenate(a), *[p[1] for p in parts])
+            if own_slots:  # per group, its slot's new states (the union is written back slot by slot)
+                per_client_out = (tuple(p[1][0] for p in parts),
+                                  jnp.concatenate([p[1][1] for p in parts]), jnp.concatenate([p[1][2] for p in parts]))
+            else:
+                per_client_out = jax.tree.map(lambda *a: jnp.concatenate(a), *[p[1] for p in parts])
         leaves, treedef = jax.tree.flatten(acc)
         floats = [x for x in leaves if not jnp.issubdtype(x.dtype, jnp.integer)]
         ints = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.integer)]
@@ -483,7 +503,13 @@ class Simulator:
             metrics["bytes_down_client"] = jnp.where(any_client, jnp.round(co.payload_bytes), 0).astype(jnp.int32)
         server = tree_where(any_client, server, state.server)
         agg_state = tree_where(any_client, agg_state, state.agg)
-        union = jax.tree.map(lambda a, b: a.at[pos].set(b, mode="drop"), union, new_states)
+        if self._own_slots(alg):  # group g's positions write slot g of their clients' states
+            d = self.num_devices
+            per = pos.reshape(d, -1)
+            union = tuple(jax.tree.map(lambda a, b, p=per[:, lo:hi].reshape(-1): a.at[p].set(b, mode="drop"), u, new)
+                          for u, new, (lo, hi) in zip(union, new_states, self.layout.segments()))
+        else:
+            union = jax.tree.map(lambda a, b: a.at[pos].set(b, mode="drop"), union, new_states)
         nan = jnp.float32(jnp.nan)
         denom = jnp.where(any_client, w_sum, 1.0)
         always = lambda k: k == "bytes_down_client" or k.endswith("_aborted")  # noqa: E731 - reported in every round

@@ -65,7 +65,9 @@ def grouped(per_group: Sequence[FederatedAlgorithm], *, name: str | None = None)
         name=name or base.name,
         init_client=init_client if stateful else None,
         client_update=_slot_update(base, 0, stateful),
-        group_updates=tuple(_slot_update(a, g, stateful) for g, a in enumerate(per_group)),
+        # the engine hands group g's clients slot g of their state and writes back only that slot
+        group_updates=tuple((a.client_update if stateful else _slot_update(a, g, False))
+                            for g, a in enumerate(per_group)),
         groups=tuple(_slot_view(a, g, stateful) for g, a in enumerate(per_group)),
         personal_params=_slot_view(base, 0, stateful).personal_params,
     )
