@@ -341,10 +341,10 @@ def test_a_cohort_smaller_than_the_groups_is_refused(pop):
 
 
 # ----------------------------------------------------- run, resume, sweep
-RUN = ["algorithm=fd", "data.num_clients=12", "run.cohort_size=6", "run.rounds=12", "run.eval_every=3",
+RUN = ["algorithm=fd", "data.num_clients=12", "run.cohort_size=6", "run.rounds=10", "run.eval_every=3",
        "run.checkpoint_every=2", "run.rounds_per_dispatch=1", "run.progress=false",
        "model.groups=[{kind: mlp, hidden: [8], share: 0.5}, {kind: mlp, hidden: [16, 16], share: 0.25},"
-       " {kind: cnn, hidden: [16], channels: [4], share: 0.25}]"]
+       " {kind: mlp, hidden: [12], share: 0.25}]"]
 
 
 def _cmd(*args):
@@ -362,10 +362,10 @@ def test_heterogeneous_run_resumes_exactly_after_kill_9(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "per group: g0 test" in p.stdout
     rows = _rows(ref)
-    assert len(rows) == 12 and {"g0_test_accuracy", "g2_local_acc_mean", "group_acc_spread"} <= set(rows[-1])
+    assert len(rows) == 10 and {"g0_test_accuracy", "g2_local_acc_mean", "group_acc_spread"} <= set(rows[-1])
     out = str(tmp_path / "killed")
     proc = subprocess.Popen(_cmd("run", "--out", out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target, t0 = random.Random(7).randint(3, 9), time.time()
+    target, t0 = random.Random(7).randint(3, 8), time.time()
     path = os.path.join(out, "metrics.jsonl")
     while proc.poll() is None and time.time() - t0 < 120:
         if os.path.exists(path) and sum(1 for _ in open(path)) >= target:
