@@ -71,6 +71,18 @@ def distill_optimizer(lr: float, steps: int, schedule: str, clip_norm: float | N
     return optax.chain(optax.clip_by_global_norm(clip_norm), adam) if clip_norm else adam
 
 
+def validation_score(apply, proxy_x, target, val_rows, labels, temperature):
+    """FedDF's early-stopping score on the proxy's validation rows (lower is better): minus the
+    accuracy when the server knows their ``labels``, else the KL to the ensemble ``target``;
+    ``None`` without validation rows."""
+    if not len(val_rows):
+        return None
+    vx, vt = proxy_x[val_rows], target[val_rows]
+    if labels is not None:
+        return lambda p: -jnp.mean((jnp.argmax(apply(p, vx)[0], -1) == labels).astype(jnp.float32))
+    return lambda p: kd_loss(apply(p, vx)[0], vt, temperature=temperature)[0]
+
+
 def feddf(
     model: Model,
     client_optimizer: optax.GradientTransformation,
@@ -139,15 +151,7 @@ def feddf(
         proxy_rows = sdata["proxy"]
         # the ensemble: the global model's logits plus the mean difference (= mean client logits)
         mean_logits = proxy_logits(model.apply, state.params, proxy_rows) + mean_dlogits / logit_weight
-        val_score = None
-        if len(val_rows):
-            vx, vt = proxy_rows[val_rows], mean_logits[val_rows]
-            if labels is not None:
-                def val_score(p):
-                    return -jnp.mean((jnp.argmax(model.apply(p, vx)[0], -1) == labels).astype(jnp.float32))
-            else:
-                def val_score(p):
-                    return kd_loss(model.apply(p, vx)[0], vt, temperature=temperature)[0]
+        val_score = validation_score(model.apply, proxy_rows, mean_logits, val_rows, labels, temperature)
         params, _, m = distill_on_proxy(
             model.apply, avg.params, distill_opt.init(avg.params), distill_opt, proxy_rows[train_rows],
             mean_logits[train_rows], key, steps=distill_steps, batch_size=distill_batch_size,

@@ -58,6 +58,14 @@ class LocalModel(NamedTuple):
     opt_state: optax.OptState
 
 
+def per_class_means(old: jax.Array, valid: jax.Array, sums: jax.Array, counts: jax.Array):
+    """The server's per-class vectors from the cohort's (mean) ``sums [K, V]`` and ``counts [K]``:
+    ``sums / counts`` where a class was seen, else ``old``; ``valid`` marks classes ever seen."""
+    have = counts > 0
+    new = jnp.where(have[:, None], sums / jnp.where(have, counts, 1.0)[:, None], old)
+    return new, jnp.maximum(valid, have.astype(jnp.float32))
+
+
 def per_label_sums(logits: jax.Array, labels: jax.Array, where: jax.Array, num_classes: int):
     """``(sums [K, V], counts [K])``: per label, the sum of the rows of ``values`` and their number."""
     onehot = jax.nn.one_hot(labels, num_classes) * where[:, None]
@@ -92,11 +100,7 @@ def fd(
         return FDState(jnp.zeros((k, k), jnp.float32), jnp.zeros((k,), jnp.float32))
 
     def server_update(state: FDState, mean, _aux, _key, _sdata):
-        counts = mean["counts"]
-        have = counts > 0
-        new = mean["logit_sums"] / jnp.where(have, counts, 1.0)[:, None]
-        logits = jnp.where(have[:, None], new, state.logits)
-        valid = jnp.maximum(state.valid, have.astype(jnp.float32))
+        logits, valid = per_class_means(state.logits, state.valid, mean["logit_sums"], mean["counts"])
         return FDState(logits, valid), {"labels_covered": jnp.sum(valid)}
 
     def for_model(model: Model) -> FederatedAlgorithm:

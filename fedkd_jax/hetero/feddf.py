@@ -37,11 +37,10 @@ import optax
 
 from fedkd_jax.algorithms.base import ClientOutput, FederatedAlgorithm
 from fedkd_jax.algorithms.fedavg import FedAvgState, local_sgd_algorithm
-from fedkd_jax.algorithms.feddf import distill_optimizer
+from fedkd_jax.algorithms.feddf import distill_optimizer, validation_score
 from fedkd_jax.algorithms.server_distill import check_proxy, distill_on_proxy, split_validation
 from fedkd_jax.errors import ConfigError
 from fedkd_jax.hetero.grouped import grouped
-from fedkd_jax.losses import kd_loss
 from fedkd_jax.models import Model
 from fedkd_jax.tree_util import tree_bytes
 
@@ -93,15 +92,7 @@ def feddf_hetero(
 
     def distill(g, params, target, key, sdata):
         model, px = models[g], sdata["proxy"]
-        val_score = None
-        if len(val_rows):
-            vx, vt = px[val_rows], target[val_rows]
-            if labels is not None:
-                def val_score(p):
-                    return -jnp.mean((jnp.argmax(model.apply(p, vx)[0], -1) == labels).astype(jnp.float32))
-            else:
-                def val_score(p):
-                    return kd_loss(model.apply(p, vx)[0], vt, temperature=temperature)[0]
+        val_score = validation_score(model.apply, px, target, val_rows, labels, temperature)
         out, _, m = distill_on_proxy(model.apply, params, distill_opt.init(params), distill_opt, px[train_rows],
                                      target[train_rows], key, steps=distill_steps, batch_size=distill_batch_size,
                                      temperature=temperature, val_score=val_score, val_every=val_every,

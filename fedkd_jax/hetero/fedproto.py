@@ -40,7 +40,7 @@ import optax
 from fedkd_jax.algorithms.base import ClientData, ClientOutput, FederatedAlgorithm
 from fedkd_jax.algorithms.local import scan_batches
 from fedkd_jax.errors import ConfigError, concrete
-from fedkd_jax.hetero.fd import LocalModel, per_label_sums
+from fedkd_jax.hetero.fd import LocalModel, per_class_means, per_label_sums
 from fedkd_jax.hetero.grouped import grouped
 from fedkd_jax.losses.classification import cross_entropy, masked_mean
 from fedkd_jax.models import Model
@@ -117,11 +117,7 @@ def fedproto(
         return ProtoState(jnp.zeros((k, p_dim), jnp.float32), jnp.zeros((k,), jnp.float32))
 
     def server_update(state: ProtoState, mean, _aux, _key, _sdata):
-        counts = mean["counts"]
-        have = counts > 0
-        new = mean["proto_sums"] / jnp.where(have, counts, 1.0)[:, None]
-        protos = jnp.where(have[:, None], new, state.protos)
-        valid = jnp.maximum(state.valid, have.astype(jnp.float32))
+        protos, valid = per_class_means(state.protos, state.valid, mean["proto_sums"], mean["counts"])
         return ProtoState(protos, valid), {"classes_covered": jnp.sum(valid)}
 
     def for_model(model: Model) -> FederatedAlgorithm:
